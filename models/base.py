@@ -1,0 +1,133 @@
+"""The one interface every model of the zoo shares.
+
+Every model is an :class:`InterpretableClassifier`:
+
+* ``model(x)`` returns logits ``(B, num_classes)`` (plain ``nn.Module`` semantics, exportable).
+* ``model.forward_explain(x, target=None)`` returns ``(logits, saliency)`` in **one pass**, where
+  ``saliency`` is the model's *intrinsic* explanation for class ``target`` (default: the predicted
+  class), shaped ``(B, *input_spatial)`` (``(B, H, W)`` or ``(B, D, H, W)``), min-max normalised
+  to ``[0, 1]`` per image. Class-agnostic explanations (e.g. CA-Stream's raw attention) ignore
+  ``target``.
+* ``model.explain(x, target=None)`` is ``forward_explain(...)[1]``.
+* ``model.explanation_kind`` names what the map is (``"cam"``, ``"attention"``, ``"cluster_cam"``,
+  ``"attribute"``, ...), so reports can label it.
+* ``model.cam_target_layer()`` returns the module whose activations post-hoc CAM explainers use by
+  default, and ``model.reshape_transform`` turns its output into ``(B, C, *spatial)`` (ViT tokens).
+* ``model.mechanism_prefixes`` lists the parameter-name prefixes that the mechanism adds on top of a
+  plain backbone. Weight loading (:mod:`models.weights`) accepts exactly those keys as missing
+  when a plain backbone/baseline checkpoint is loaded into a mechanism, and trainers freeze or
+  give separate learning rates by these names.
+
+Everything here is pure PyTorch (no Lightning).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["InterpretableClassifier", "normalize_saliency", "upsample_to", "check_input"]
+
+
+def upsample_to(maps: Tensor, size: Sequence[int]) -> Tensor:
+    """Resize ``(B, C, *spatial)`` maps to ``size`` with (tri/bi)linear interpolation."""
+    size = tuple(int(s) for s in size)
+    if tuple(maps.shape[2:]) == size:
+        return maps
+    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
+    return F.interpolate(maps, size=size, mode=mode, align_corners=False)
+
+
+def normalize_saliency(maps: Tensor, size: Optional[Sequence[int]] = None, eps: float = 1e-7) -> Tensor:
+    """Per-image min-max normalisation to [0, 1] (seed 001 eq. 1.7), optionally resized first.
+
+    ``maps``: ``(B, *spatial)``; returns ``(B, *size)``.
+    """
+    if size is not None:
+        maps = upsample_to(maps.unsqueeze(1), size).squeeze(1)
+    flat = maps.flatten(1)
+    lo = flat.min(dim=1, keepdim=True).values
+    hi = flat.max(dim=1, keepdim=True).values
+    flat = (flat - lo) / (hi - lo + eps)
+    return flat.view_as(maps)
+
+
+def check_input(x: Tensor, in_chans: int, spatial_dims: int, name: str = "model") -> None:
+    """Raise a clear error when ``x`` does not fit the model (channels / 2D-vs-3D)."""
+    if not torch.is_tensor(x):
+        raise TypeError(f"{name} expects a torch.Tensor, got {type(x).__name__}.")
+    want = 2 + spatial_dims
+    if x.dim() != want:
+        kind = {2: "2D images (B, C, H, W)", 3: "3D volumes (B, C, D, H, W)"}[spatial_dims]
+        raise ValueError(
+            f"{name} expects {kind} but got a tensor of shape {tuple(x.shape)}. "
+            + ("Use a 3D model (e.g. create_model('baseline', backbone='cnn3d')) for volumes."
+               if x.dim() == 5 else "Use a 2D model for images." if x.dim() == 4 else
+               "Add the batch and channel dimensions.")
+        )
+    if x.shape[1] != in_chans:
+        raise ValueError(
+            f"{name} was built for in_chans={in_chans} but the input has {x.shape[1]} channels "
+            f"(shape {tuple(x.shape)}). Build the model with in_chans={x.shape[1]} "
+            f"(e.g. create_model(..., in_chans={x.shape[1]})) or convert the data."
+        )
+
+
+class InterpretableClassifier(nn.Module):
+    """Base class of every model in the zoo (see module docstring for the contract)."""
+
+    #: what the intrinsic explanation is; subclasses override.
+    explanation_kind: str = "cam"
+    #: parameter-name prefixes the mechanism adds on top of a plain backbone.
+    mechanism_prefixes: Tuple[str, ...] = ()
+
+    def __init__(self, num_classes: int, in_chans: int = 3, spatial_dims: int = 2) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
+        self.num_classes = int(num_classes)
+        self.in_chans = int(in_chans)
+        self.spatial_dims = int(spatial_dims)
+
+    # ---- the contract -------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward_explain(self, x: Tensor, target: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """Return ``(logits, saliency)``; saliency ``(B, *x.shape[2:])`` in [0, 1]."""
+        raise NotImplementedError(f"{type(self).__name__} has no intrinsic explanation.")
+
+    def explain(self, x: Tensor, target: Optional[Tensor] = None) -> Tensor:
+        return self.forward_explain(x, target)[1]
+
+    def cam_target_layer(self) -> nn.Module:
+        """Default layer for post-hoc CAM explainers (the last feature stage)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define a default CAM layer.")
+
+    #: turns the target layer output into (B, C, *spatial); identity for CNNs.
+    reshape_transform: Optional[Callable[[Tensor], Tensor]] = None
+
+    # ---- helpers for subclasses ---------------------------------------------------------
+    def check_input(self, x: Tensor) -> None:
+        check_input(x, self.in_chans, self.spatial_dims, type(self).__name__)
+
+    def resolve_target(self, logits: Tensor, target: Optional[Tensor]) -> Tensor:
+        """Target classes ``(B,)``: given ones, else the prediction."""
+        if target is None:
+            return logits.argmax(dim=1)
+        target = torch.as_tensor(target, device=logits.device).long().reshape(-1)
+        if target.numel() == 1 and logits.shape[0] > 1:
+            target = target.expand(logits.shape[0])
+        if target.shape[0] != logits.shape[0]:
+            raise ValueError(f"target has {target.shape[0]} entries for a batch of {logits.shape[0]}.")
+        if (target < 0).any() or (target >= self.num_classes).any():
+            raise ValueError(f"target classes must be in [0, {self.num_classes}), got {target.tolist()}.")
+        return target
+
+    def mechanism_parameters(self):
+        """(name, parameter) pairs added by the mechanism (see ``mechanism_prefixes``)."""
+        for name, p in self.named_parameters():
+            if name.startswith(self.mechanism_prefixes):
+                yield name, p
