@@ -1,0 +1,236 @@
+"""The base LightningModule: any registered model, trained as a (multi-label) classifier.
+
+Mechanism trainers subclass :class:`ClassificationModule` and override :meth:`compute_loss`.
+Optimisers, schedulers, per-parameter-group learning rates and freezing are plain config dicts, so
+every recipe of the papers is a YAML file (see ``configs/``)::
+
+    optimizer: {name: sgd, lr: 0.1, momentum: 0.9, weight_decay: 1e-4}
+    param_groups: [{params: "^backbone\\.", lr: 5e-5}]      # regex on parameter names
+    scheduler: {name: multistep, milestones: [30, 60], gamma: 0.1}
+    freeze: ["^backbone\\.", "^fc\\."]                       # frozen (and kept in eval mode)
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Dict, List, Optional
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import Tensor, nn
+
+from models import create_model
+from models.weights import load_weights
+
+__all__ = ["ClassificationModule", "build_optimizer", "build_scheduler"]
+
+_OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+_SCHEDULERS = ("none", "step", "multistep", "cosine", "poly")
+
+
+def _param_groups(model: nn.Module, groups: List[dict], base: Dict[str, Any]) -> List[dict]:
+    """Split trainable parameters into groups by regex (first match wins); the rest use ``base``."""
+    buckets: List[List[nn.Parameter]] = [[] for _ in groups]
+    rest: List[nn.Parameter] = []
+    patterns = []
+    for g in groups:
+        if "params" not in g:
+            raise ValueError(f"param group {g} needs a 'params' regex on parameter names, e.g. '^backbone\\.'.")
+        patterns.append(re.compile(g["params"]))
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        for i, pat in enumerate(patterns):
+            if pat.search(name):
+                buckets[i].append(p)
+                break
+        else:
+            rest.append(p)
+    out = []
+    for g, ps in zip(groups, buckets):
+        if not ps:
+            raise ValueError(f"param group regex {g['params']!r} matches no trainable parameter.")
+        out.append({**{k: v for k, v in g.items() if k != "params"}, "params": ps})
+    if rest:
+        out.append({"params": rest})
+    return out
+
+
+def build_optimizer(model: nn.Module, optimizer: Dict[str, Any], param_groups: Optional[List[dict]] = None):
+    cfg = dict(optimizer)
+    name = str(cfg.pop("name", "sgd")).lower()
+    if name not in _OPTIMIZERS:
+        raise ValueError(f"Unknown optimizer {name!r}; choose one of {sorted(_OPTIMIZERS)}.")
+    groups = _param_groups(model, list(param_groups or []), cfg)
+    if not groups or not any(g["params"] for g in groups):
+        raise ValueError("No trainable parameters: check `freeze` (everything is frozen).")
+    return _OPTIMIZERS[name](groups, **cfg)
+
+
+def build_scheduler(optimizer, scheduler: Optional[Dict[str, Any]], max_epochs: int, steps_per_epoch: int):
+    """LR scheduler from a dict; ``interval`` is ``epoch`` (default) or ``step``."""
+    if not scheduler:
+        return None
+    cfg = dict(scheduler)
+    name = str(cfg.pop("name", "none")).lower()
+    interval = cfg.pop("interval", "epoch")
+    warmup = int(cfg.pop("warmup", 0))
+    if name not in _SCHEDULERS:
+        raise ValueError(f"Unknown scheduler {name!r}; choose one of {list(_SCHEDULERS)}.")
+    if name == "none":
+        return None
+    total = max(1, max_epochs if interval == "epoch" else max_epochs * max(1, steps_per_epoch))
+    if name == "step":
+        sched = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.get("step_size", 30), gamma=cfg.get("gamma", 0.1))
+    elif name == "multistep":
+        sched = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg.get("milestones", [30, 60, 90]),
+                                                     gamma=cfg.get("gamma", 0.1))
+    elif name == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.get("T_max", total - warmup),
+                                                           eta_min=cfg.get("eta_min", 0.0))
+    else:  # polynomial decay (eX-ViT recipe)
+        sched = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=cfg.get("total_iters", total - warmup),
+                                                      power=cfg.get("power", 0.9))
+    if warmup:
+        warm = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=cfg.get("warmup_start", 0.01), total_iters=warmup)
+        sched = torch.optim.lr_scheduler.SequentialLR(optimizer, [warm, sched], milestones=[warmup])
+    return {"scheduler": sched, "interval": interval}
+
+
+class ClassificationModule(pl.LightningModule):
+    """Train any registered model (``models.create_model``) as a classifier.
+
+    Args:
+        model: registry name (``models.list_models()``).
+        model_kwargs: constructor kwargs (``backbone``, ``pretrained``, ``backbone_weights``, ...).
+        num_classes / multilabel / in_chans: linked from the DataModule by ``train.py``.
+        optimizer, param_groups, scheduler, freeze: see module docstring.
+        checkpoint_path: weights to start from (zoo checkpoint, state dict or safetensors). Loading a
+            plain baseline checkpoint into a mechanism is allowed (only the mechanism's keys start
+            fresh; everything else must match, and every key is reported).
+        label_smoothing: for single-label cross-entropy.
+    """
+
+    def __init__(self, model: str = "baseline", model_kwargs: Optional[Dict[str, Any]] = None, num_classes: int = 10,
+                 multilabel: bool = False, in_chans: Optional[int] = None,
+                 optimizer: Optional[Dict[str, Any]] = None, param_groups: Optional[List[Dict[str, Any]]] = None,
+                 scheduler: Optional[Dict[str, Any]] = None, freeze: Optional[List[str]] = None,
+                 checkpoint_path: Optional[str] = None, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        kwargs = dict(model_kwargs or {})
+        if in_chans is not None:
+            kwargs.setdefault("in_chans", in_chans)
+        self.model = create_model(model, num_classes=num_classes, **kwargs)
+        if checkpoint_path:
+            load_weights(self.model, checkpoint_path)
+        self.num_classes, self.multilabel = num_classes, multilabel
+        self.optimizer_cfg = dict(optimizer or {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05})
+        self.param_groups_cfg = list(param_groups or [])
+        self.scheduler_cfg = dict(scheduler) if scheduler else None
+        self.frozen_modules: List[nn.Module] = []
+        self._freeze(freeze or [])
+        self.label_smoothing = label_smoothing
+        self.train_metrics = self._metrics("train")
+        self.val_metrics = self._metrics("val")
+        self.test_metrics = self._metrics("test")
+
+    # ---- setup ----------------------------------------------------------------------------
+    def _metrics(self, stage: str) -> torchmetrics.MetricCollection:
+        k = self.num_classes
+        if self.multilabel:
+            m = {"mAP": torchmetrics.classification.MultilabelAveragePrecision(num_labels=k, average="macro"),
+                 "f1": torchmetrics.classification.MultilabelF1Score(num_labels=k, average="macro")}
+        else:
+            m = {"acc": torchmetrics.classification.MulticlassAccuracy(num_classes=k, top_k=1, average="micro")}
+            if k > 5:
+                m["acc_top5"] = torchmetrics.classification.MulticlassAccuracy(num_classes=k, top_k=5, average="micro")
+        return torchmetrics.MetricCollection(m, prefix=f"{stage}/")
+
+    def _freeze(self, patterns: List[str]) -> None:
+        """Freeze parameters matching any regex; modules whose parameters are all frozen stay in eval()."""
+        if not patterns:
+            return
+        pats = [re.compile(p) for p in patterns]
+        hit = set()
+        for name, p in self.model.named_parameters():
+            if any(pt.search(name) for pt in pats):
+                p.requires_grad_(False)
+                hit.add(name)
+        if not hit:
+            raise ValueError(f"freeze patterns {patterns} match no parameter of {type(self.model).__name__}.")
+        self.frozen_modules = _fully_frozen_modules(self.model)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in getattr(self, "frozen_modules", []):  # frozen parts keep their BN statistics
+            m.eval()
+        return self
+
+    # ---- steps ----------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def classification_loss(self, logits: Tensor, label: Tensor) -> Tensor:
+        if self.multilabel:
+            return F.multilabel_soft_margin_loss(logits, label.float())
+        return F.cross_entropy(logits, label, label_smoothing=self.label_smoothing)
+
+    def compute_loss(self, batch: Dict[str, Tensor], stage: str) -> Dict[str, Tensor]:
+        """Return at least ``loss`` and ``logits``; other scalar entries are logged. Override me."""
+        logits = self.model(batch["image"])
+        return {"loss": self.classification_loss(logits, batch["label"]), "logits": logits}
+
+    def _step(self, batch: Dict[str, Tensor], stage: str) -> Tensor:
+        out = self.compute_loss(batch, stage)
+        metrics = getattr(self, f"{stage}_metrics")
+        label = batch["label"]
+        logits = out["logits"].detach()
+        metrics.update(logits, label.long() if self.multilabel else label)
+        bs = label.shape[0]
+        self.log(f"{stage}/loss", out["loss"].detach(), prog_bar=stage != "test", sync_dist=stage != "train",
+                 batch_size=bs)
+        for k, v in out.items():
+            if k not in ("loss", "logits") and torch.is_tensor(v) and v.numel() == 1:
+                self.log(f"{stage}/{k}", v.detach().float(), sync_dist=stage != "train", batch_size=bs)
+        self.log_dict(metrics, prog_bar=True, on_step=False, on_epoch=True, batch_size=bs)
+        return out["loss"]
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        return self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        return self._step(batch, "test")
+
+    def predict_step(self, batch, batch_idx):
+        return self.model(batch["image"] if isinstance(batch, dict) else batch)
+
+    # ---- optimisation ---------------------------------------------------------------------
+    def configure_optimizers(self):
+        opt = build_optimizer(self.model, self.optimizer_cfg, self.param_groups_cfg)
+        trainer = self._trainer
+        max_epochs = trainer.max_epochs if trainer is not None and trainer.max_epochs and trainer.max_epochs > 0 else 1
+        steps = 1
+        if trainer is not None:
+            try:
+                steps = math.ceil(trainer.estimated_stepping_batches / max_epochs)
+            except Exception:
+                steps = 1
+        sched = build_scheduler(opt, self.scheduler_cfg, max_epochs, steps)
+        if sched is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": sched}
+
+
+def _fully_frozen_modules(module: nn.Module) -> List[nn.Module]:
+    """Largest sub-modules whose parameters are all frozen (and that hold parameters or buffers)."""
+    params = list(module.parameters())
+    has_state = bool(params) or any(True for _ in module.buffers())
+    if has_state and all(not p.requires_grad for p in params):
+        return [module]
+    return [m for child in module.children() for m in _fully_frozen_modules(child)]
