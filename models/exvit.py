@@ -164,6 +164,8 @@ class EMHAttention(_make_attention_base()):
         if self.attn_bias is None or self.bias_mode == "head":
             return self.attn_bias
         grid = self.grid
+        if grid is None and num_tokens == self.num_tokens:
+            return self.attn_bias
         if grid is None or self.num_prefix_tokens + grid[0] * grid[1] != num_tokens:
             side = math.isqrt(max(num_tokens - self.num_prefix_tokens, 0))
             if side * side + self.num_prefix_tokens != num_tokens:
@@ -603,7 +605,7 @@ def momentum_copy(model: ExViT) -> ExViT:
         m = copy.deepcopy(model)
     finally:
         model.head = head
-    m.head = None
+    m.head, m.gem = None, None  # no classifier; u' uses a fixed GeM p = 3
     m.requires_grad_(False)
     return m.eval()
 
