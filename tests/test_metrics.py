@@ -17,6 +17,15 @@ from models.metrics import (AverageDrop, AverageGain, AverageIncrease, DeletionA
 LN3 = math.log(3.0)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """2 shared cores: intra-op threads oversubscribe and make small convs ~30x slower; restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def sig(z):
     return 1.0 / (1.0 + math.exp(-z))
 
@@ -460,3 +469,36 @@ def test_runner_requires_ground_truth_for_localisation():
     res = run_interpretability(model, loader, [("r", lambda x, t: torch.rand(2, 8, 8))], metrics="ad,del",
                                progress=False, sanity=False)
     assert res["r"]["n"] == 2
+
+
+# ------------------------------------------------------------------------------------------ with the zoo
+@pytest.mark.parametrize("kind", ["2d", "3d"])
+def test_runner_with_zoo_explainers_on_synthetic_benchmark(kind, tmp_path):
+    """Real explainers (models.explainers) on a tiny baseline; sanity baselines are appended."""
+    pytest.importorskip("models.explainers")
+    from torch.utils.data import DataLoader
+
+    import models
+    from trainers.data import SyntheticShapes, SyntheticVolumes
+
+    torch.manual_seed(0)
+    if kind == "2d":
+        ds = SyntheticShapes("val", size=6, num_classes=3, image_size=32)
+        model = models.create_model("baseline", backbone="resnet18", num_classes=3)
+    else:
+        ds = SyntheticVolumes("val", size=4, num_classes=2, image_size=16)
+        model = models.create_model("baseline", backbone="cnn3d", num_classes=2)
+    res = run_interpretability(model, DataLoader(ds, batch_size=3), ["gradcam", "intrinsic"], metrics="all",
+                               progress=False, steps=6, examples=2)
+    assert list(res) == ["gradcam", "intrinsic", "random", "fakecam"]
+    for name, row in res.items():
+        assert set(row) == {"ad", "ag", "ai", "ins", "del", "pg", "epg", "miou", "time", "n"}, name
+        assert all(math.isfinite(v) for v in row.values()), (name, row)
+        assert 0 <= row["pg"] <= 100 and 0 <= row["miou"] <= 100 and row["n"] == len(ds)
+    # Fake-CAM: masking one pixel barely moves the score -> AD and AG both ~0 (seed 001 §2.4)
+    assert res["fakecam"]["ad"] < 2 and res["fakecam"]["ag"] < 2
+    # the baseline's CAM is Grad-CAM at the last layer (GAP -> linear) up to Grad-CAM's ReLU: same argmax
+    assert res["gradcam"]["pg"] == pytest.approx(res["intrinsic"]["pg"])
+    save_overlay_grid(res.examples["images"], res.examples["maps"], str(tmp_path / "g.png"),
+                      masks=res.examples["masks"])
+    assert (tmp_path / "g.png").exists()

@@ -278,9 +278,8 @@ def test_vit_backbone_pathway_over_token_channels():
         m = tiny(backbone="deit_tiny_patch16_224", backbone_kwargs={"img_size": 32}, target_layer=target_layer)
         h = m.features(xv)
         assert h.shape[:2] == (2, m.num_filters) and h.dim() == 4
-        if target_layer == "last":
-            assert m.num_filters == m.backbone.body.model.embed_dim if hasattr(m.backbone.body, "model") \
-                else m.num_filters == 192
+        if target_layer == "last":  # the pathway runs over the channels (embed dim) of the final tokens
+            assert m.num_filters == m.backbone.channels[-1] == 192
         out = m.train().forward_train(xv)
         (out["logits"].sum() + out["logits_int"].sum()).backward()
         assert m.p_logits.grad.abs().sum() > 0

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from models import create_model
 from models.weights import load_weights
 
-__all__ = ["ClassificationModule", "build_optimizer", "build_scheduler"]
+__all__ = ["ClassificationModule", "build_optimizer", "build_scheduler", "load_module", "load_datamodule", "read_checkpoint"]
 
 _OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 _SCHEDULERS = ("none", "step", "multistep", "cosine", "poly")
@@ -210,6 +210,17 @@ class ClassificationModule(pl.LightningModule):
     def predict_step(self, batch, batch_idx):
         return self.model(batch["image"] if isinstance(batch, dict) else batch)
 
+    # ---- checkpoints ----------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        """Make the checkpoint self-describing (``load_module`` / ``eval.py`` rebuild it from the file)."""
+        cls = type(self)
+        checkpoint["zoo"] = {"module_class": f"{cls.__module__}.{cls.__qualname__}"}
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None:
+            dcls = type(dm)
+            checkpoint["zoo"]["datamodule_class"] = f"{dcls.__module__}.{dcls.__qualname__}"
+            checkpoint["zoo"]["datamodule_hparams"] = {k: v for k, v in dm.hparams.items() if not k.startswith("_")}
+
     # ---- optimisation ---------------------------------------------------------------------
     def configure_optimizers(self):
         opt = build_optimizer(self.model, self.optimizer_cfg, self.param_groups_cfg)
@@ -234,3 +245,54 @@ def _fully_frozen_modules(module: nn.Module) -> List[nn.Module]:
     if has_state and all(not p.requires_grad for p in params):
         return [module]
     return [m for child in module.children() for m in _fully_frozen_modules(child)]
+
+
+def _import(path: str):
+    import importlib
+
+    mod, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(mod), name)
+
+
+def read_checkpoint(path: str) -> Dict[str, Any]:
+    """Read a Lightning checkpoint safely (``weights_only=True``) with a clear error."""
+    import os
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Checkpoint {path!r} does not exist. Train one first: "
+                                "python train.py fit --config configs/baseline/synthetic.yaml")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f"Could not read checkpoint {path!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+                           "It is corrupted or truncated, or holds pickled objects that are not loaded for safety.") from None
+
+
+def load_module(path: str, **overrides) -> ClassificationModule:
+    """Rebuild the LightningModule of a zoo checkpoint (class + hyper-parameters) and load its weights.
+
+    Weights come from the checkpoint, so ``pretrained``/``backbone_weights``/``checkpoint_path`` of the
+    original run are not re-read.
+    """
+    ckpt = read_checkpoint(path)
+    hp = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if not k.startswith("_")}
+    cls_path = (ckpt.get("zoo") or {}).get("module_class", "trainers.classification.ClassificationModule")
+    hp.update(overrides)
+    hp["checkpoint_path"] = None
+    mk = dict(hp.get("model_kwargs") or {})
+    mk["pretrained"] = False
+    mk.pop("backbone_weights", None)
+    hp["model_kwargs"] = mk
+    module = _import(cls_path)(**hp)
+    load_weights(module.model, ckpt["state_dict"], verbose=False)
+    module.eval()
+    return module
+
+
+def load_datamodule(path: str, **overrides):
+    """Rebuild the DataModule a checkpoint was trained with (``None`` if not recorded)."""
+    zoo = read_checkpoint(path).get("zoo") or {}
+    if "datamodule_class" not in zoo:
+        return None
+    hp = {k: v for k, v in zoo["datamodule_hparams"].items() if not k.startswith("_")}
+    return _import(zoo["datamodule_class"])(**{**hp, **overrides})

@@ -1,0 +1,154 @@
+"""Evaluate a trained model: accuracy (top-1/top-5, multi-label mAP) on a split, as JSON + a table.
+
+    python eval.py --checkpoint checkpoints/baseline_synthetic/checkpoints/best.ckpt
+    python eval.py --checkpoint CKPT --split val --out checkpoints/baseline_synthetic/eval
+    python eval.py --weights model.safetensors --model baseline --model-kwargs '{"backbone": "resnet18"}' \\
+        --data-config configs/baseline/synthetic.yaml
+
+A zoo checkpoint is self-describing (model class, hyper-parameters, DataModule). Exported weights
+(safetensors / state dict) need ``--model``/``--model-kwargs`` and a ``--data-config`` YAML whose
+``data:`` section names the DataModule (as in ``configs/``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from typing import Any, Dict, List, Optional
+
+import torch
+import torchmetrics
+from tqdm.auto import tqdm
+
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a Lightning checkpoint written by train.py (best.ckpt / last.ckpt)")
+    src.add_argument("--weights", help="exported weights (.safetensors or state dict); needs --model")
+    p.add_argument("--model", help="registry name for --weights (see models.list_models())")
+    p.add_argument("--model-kwargs", default="{}", help="JSON kwargs for --model, e.g. '{\"backbone\": \"resnet18\"}'")
+    p.add_argument("--data-config", help="YAML with a data: section (class_path/init_args) to evaluate on")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--limit-batches", type=int, default=None, help="evaluate only the first N batches")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None, help="output folder (default: next to the checkpoint, eval/)")
+    return p
+
+
+def _datamodule_from_yaml(path: str, **overrides):
+    import yaml
+
+    from trainers.classification import _import
+
+    with open(path) as f:
+        cfg = yaml.safe_load(f)
+    data = cfg.get("data") if isinstance(cfg, dict) else None
+    if not data or "class_path" not in data:
+        raise SystemExit(f"error: {path} has no data: section with a class_path (see configs/baseline/synthetic.yaml).")
+    return _import(data["class_path"])(**{**(data.get("init_args") or {}), **overrides})
+
+
+def load_model_and_data(args) -> tuple:
+    """Return ``(model, datamodule, source_path)`` from the CLI arguments, with clear errors."""
+    import models
+    from trainers.classification import load_datamodule, load_module
+
+    overrides = {"batch_size": args.batch_size} if args.batch_size else {}
+    if args.checkpoint:
+        module = load_module(args.checkpoint)
+        model = module.model
+        dm = _datamodule_from_yaml(args.data_config, **overrides) if args.data_config else \
+            load_datamodule(args.checkpoint, **overrides)
+        if dm is None:
+            raise SystemExit("error: the checkpoint does not record its DataModule; pass --data-config CONFIG.yaml.")
+        return model, dm, args.checkpoint
+    if not args.model:
+        raise SystemExit(f"error: --weights needs --model (one of: {', '.join(models.list_models())}).")
+    if not args.data_config:
+        raise SystemExit("error: --weights needs --data-config CONFIG.yaml (its data: section names the dataset).")
+    dm = _datamodule_from_yaml(args.data_config, **overrides)
+    kwargs = json.loads(args.model_kwargs)
+    kwargs.setdefault("num_classes", dm.num_classes)
+    kwargs.setdefault("in_chans", dm.in_chans)
+    model = models.create_model(args.model, checkpoint_path=args.weights, **kwargs)
+    return model, dm, args.weights
+
+
+def _loader(dm, split: str):
+    dm.setup("test" if split == "test" else "fit")
+    return {"train": dm.train_dataloader, "val": dm.val_dataloader, "test": dm.test_dataloader}[split]()
+
+
+@torch.no_grad()
+def evaluate_accuracy(model: torch.nn.Module, loader, num_classes: int, multilabel: bool, device: str = "cpu",
+                      limit_batches: Optional[int] = None, class_names: Optional[List[str]] = None) -> Dict[str, Any]:
+    """Top-1/top-5 accuracy and per-class accuracy (single-label) or mAP/F1 (multi-label) with torchmetrics."""
+    from torchmetrics import classification as C
+
+    model.eval().to(device)
+    if multilabel:
+        metrics = {"mAP": C.MultilabelAveragePrecision(num_labels=num_classes, average="macro"),
+                   "f1": C.MultilabelF1Score(num_labels=num_classes, average="macro"),
+                   "per_class_AP": C.MultilabelAveragePrecision(num_labels=num_classes, average="none")}
+    else:
+        metrics = {"top1": C.MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro"),
+                   "per_class_acc": C.MulticlassAccuracy(num_classes=num_classes, average="none")}
+        if num_classes > 5:
+            metrics["top5"] = C.MulticlassAccuracy(num_classes=num_classes, top_k=5, average="micro")
+    coll = torchmetrics.MetricCollection(metrics).to(device)
+    n, t0 = 0, time.perf_counter()
+    total = min(len(loader), limit_batches) if limit_batches else len(loader)
+    for i, batch in enumerate(tqdm(loader, total=total, desc="accuracy", leave=False)):
+        if limit_batches and i >= limit_batches:
+            break
+        x, y = batch["image"].to(device), batch["label"].to(device)
+        logits = model(x)
+        coll.update(logits, y.long())
+        n += y.shape[0]
+    out = {k: (v.tolist() if v.numel() > 1 else float(v)) for k, v in coll.compute().items()}
+    out["num_images"] = n
+    out["ms_per_image"] = 1000 * (time.perf_counter() - t0) / max(n, 1)
+    if class_names:
+        out["class_names"] = list(class_names)
+    return out
+
+
+def format_table(results: Dict[str, Any]) -> str:
+    rows = [(k, v) for k, v in results.items() if isinstance(v, (int, float))]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"| {'metric'.ljust(width)} | value |", f"|{'-' * (width + 2)}|-------|"]
+    for k, v in rows:
+        lines.append(f"| {k.ljust(width)} | {v:.4f} |" if isinstance(v, float) else f"| {k.ljust(width)} | {v} |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    try:
+        model, dm, src = load_model_and_data(args)
+    except (FileNotFoundError, RuntimeError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    out_dir = args.out or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(src))), "eval")
+    os.makedirs(out_dir, exist_ok=True)
+    loader = _loader(dm, args.split)
+    results: Dict[str, Any] = {"source": src, "split": args.split, "model": type(model).__name__}
+    results["accuracy"] = evaluate_accuracy(model, loader, dm.num_classes, dm.multilabel, args.device,
+                                            args.limit_batches, getattr(dm, "class_names", None))
+    path = os.path.join(out_dir, f"metrics_{args.split}.json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"\n{results['model']} on the {args.split} split ({results['accuracy']['num_images']} images)")
+    print(format_table(results["accuracy"]))
+    print(f"\nwrote {path}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Train / validate / test any model of the zoo from YAML (LightningCLI).
+
+    python train.py fit --config configs/baseline/synthetic.yaml
+    python train.py fit --config configs/baseline/synthetic.yaml --trainer.max_epochs=3
+    python train.py fit --config configs/baseline/synthetic.yaml --ckpt_path checkpoints/baseline_synthetic/checkpoints/last.ckpt
+    python train.py test --config configs/baseline/synthetic.yaml --ckpt_path checkpoints/baseline_synthetic/checkpoints/best.ckpt
+    python train.py fit --config configs/baseline/synthetic.yaml --trainer.strategy=ddp --trainer.devices=2
+    python train.py fit --print_config --config configs/baseline/synthetic.yaml
+
+After ``fit`` the best checkpoint (selected on validation) is evaluated once on the test split
+(``--test_after_fit false`` to skip) and its accuracy is printed.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+from pytorch_lightning.cli import LightningCLI
+
+from trainers.callbacks import ZooCheckpoint
+from trainers.classification import ClassificationModule
+from trainers.data import ZooDataModule
+
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*LeafSpec.*")
+
+
+class ZooCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.multilabel", "model.init_args.multilabel", apply_on="instantiate")
+        parser.link_arguments("data.in_chans", "model.init_args.in_chans", apply_on="instantiate")
+        parser.add_argument("--test_after_fit", type=bool, default=True,
+                            help="after fit, evaluate the best (validation-selected) checkpoint on the test split")
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        trainer = cfg.trainer
+        root = trainer.default_root_dir or "checkpoints/run"
+        trainer.default_root_dir = root
+        if trainer.logger in (None, True):  # CSV + TensorBoard by default, next to the checkpoints
+            trainer.logger = [
+                {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": root, "name": "logs/csv"}},
+                {"class_path": "pytorch_lightning.loggers.TensorBoardLogger",
+                 "init_args": {"save_dir": root, "name": "logs/tensorboard"}},
+            ]
+
+    def after_fit(self) -> None:
+        cfg = self.config.get("fit", self.config)
+        if not cfg.get("test_after_fit", True) or self.trainer.fast_dev_run:
+            return
+        ckpt = self.trainer.checkpoint_callback
+        best = getattr(ckpt, "best_model_path", "") if ckpt is not None else ""
+        last = getattr(ckpt, "last_model_path", "") if ckpt is not None else ""
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=True)
+        if self.trainer.is_global_zero:
+            res = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("test/")}
+            print(f"\nbest checkpoint (selected on validation): {best}")
+            print(f"last checkpoint (resume with --ckpt_path): {last}")
+            print("test: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(res.items())))
+
+
+def main(args=None) -> ZooCLI:
+    return ZooCLI(ClassificationModule, ZooDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                  seed_everything_default=0, save_config_kwargs={"overwrite": True},
+                  trainer_defaults={"callbacks": [ZooCheckpoint()]}, args=args)
+
+
+if __name__ == "__main__":
+    main()
