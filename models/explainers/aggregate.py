@@ -49,7 +49,11 @@ class HAM(Explainer):
         with capture_outputs(self.target_layers) as cap:
             logits = self.model(x)
         feats = cap.last()
-        grads = torch.autograd.grad(gather_logit(logits, targets).sum(), feats)
+        grads = torch.autograd.grad(gather_logit(logits, targets).sum(), feats, allow_unused=True)
+        if any(g is None for g in grads):
+            raise ValueError("HAM: a stage does not lie on the path to the logits (ViT intermediate taps are side "
+                             "outputs that the classifier never reads); HAM needs a multi-stage CNN, or pass "
+                             "target_layers on the path to the logits.")
         return [normalize_saliency((g * f).float().mean(dim=1).clamp(min=0)) for f, g in zip(feats, grads)]
 
     @staticmethod

@@ -149,6 +149,9 @@ def postprocess_layer_maps(maps: Sequence[Tensor], size: Sequence[int], relu: bo
         m = m.float()
         if relu:
             m = m.clamp(min=0)
+        # scale-free: divide by max |m| first so the 1e-7 of the min-max does not shrink tiny maps
+        scale = m.flatten(1).abs().amax(1).clamp(min=1e-30).view(-1, *([1] * (m.dim() - 1)))
+        m = m / scale
         per_layer.append(normalize_saliency(m, size))
     if len(per_layer) == 1:
         return per_layer[0]

@@ -60,7 +60,7 @@ class _TorchResize:
             raise RuntimeError(
                 f"recorded {len(acts)} activations and {len(grads)} gradients for {len(self.target_layers)} target "
                 "layers: every target layer must be called exactly once per forward and lie on the path to the "
-                "logits.")
+                "logits (ViT taps other than taps[-1] are side outputs the classifier never reads).")
         out = []
         for i, layer in enumerate(self.target_layers):
             if acts[i].ndim not in (4, 5):
