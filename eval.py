@@ -5,6 +5,12 @@
     python eval.py --weights model.safetensors --model baseline --model-kwargs '{"backbone": "resnet18"}' \\
         --data-config configs/baseline/synthetic.yaml
 
+Interpretability (docs/metrics.md): explainers x metrics on the first ``--max-images`` images, written as
+``interpretability_<split>.json`` (every number), ``.md`` (table) and ``overlays_<split>.png``:
+
+    python eval.py --checkpoint CKPT --split val --explainers gradcam,gradcampp,scorecam,opticam \\
+        --metrics ad,ag,ai,ins,del,pg,miou --max-images 200 --out DIR
+
 A zoo checkpoint is self-describing (model class, hyper-parameters, DataModule). Exported weights
 (safetensors / state dict) need ``--model``/``--model-kwargs`` and a ``--data-config`` YAML whose
 ``data:`` section names the DataModule (as in ``configs/``).
@@ -39,6 +45,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-batches", type=int, default=None, help="evaluate only the first N batches")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="output folder (default: next to the checkpoint, eval/)")
+    g = p.add_argument_group("interpretability (docs/metrics.md)")
+    g.add_argument("--explainers", default=None,
+                   help="comma list of models.explainers names, e.g. gradcam,gradcampp,scorecam,opticam,intrinsic "
+                        "(random and fakecam are always added as sanity baselines)")
+    g.add_argument("--metrics", default="ad,ag,ai,ins,del,pg,miou",
+                   help="comma list of ad,ag,ai,ins,del,pg,epg,miou (or all); runtime is always reported")
+    g.add_argument("--max-images", type=int, default=200, help="images explained (first N of the split)")
+    g.add_argument("--target", default="label", choices=["label", "pred"], help="class explained: ground truth or predicted")
+    g.add_argument("--correct-only", action="store_true", help="count only correctly classified images")
+    g.add_argument("--steps", type=int, default=None, help="insertion/deletion steps (default ceil(sqrt(#pixels)))")
+    g.add_argument("--max-batch", type=int, default=128, help="images per forward call in insertion/deletion")
+    g.add_argument("--tolerance-px", type=int, default=0, help="pointing-game tolerance (15 in the original protocol)")
+    g.add_argument("--iou-threshold", default="mean_std", help="mean_std (seed 002 eq. 5.1), mean, or a number")
+    g.add_argument("--grid-images", type=int, default=4, help="images in the overlay PNG")
     return p
 
 
@@ -120,6 +140,31 @@ def evaluate_accuracy(model: torch.nn.Module, loader, num_classes: int, multilab
     return out
 
 
+def evaluate_interpretability(model: torch.nn.Module, loader, args, out_dir: str, model_name: str) -> Dict[str, Any]:
+    """Explainers x metrics with :func:`models.metrics.run_interpretability`; writes JSON, table and overlays."""
+    from models.metrics import run_interpretability, save_json, save_overlay_grid, write_markdown_table
+
+    try:
+        thr = float(args.iou_threshold)
+    except ValueError:  # a rule name; SaliencyIoU names the valid ones
+        thr = args.iou_threshold
+    res = run_interpretability(model, loader, args.explainers, args.metrics, max_images=args.max_images,
+                               device=args.device, target=args.target, correct_only=args.correct_only,
+                               steps=args.steps, max_batch=args.max_batch, tolerance_px=args.tolerance_px,
+                               iou_threshold=thr, examples=args.grid_images)
+    stem = os.path.join(out_dir, f"interpretability_{args.split}")
+    save_json(res, stem + ".json", model=model_name, split=args.split)
+    table = write_markdown_table(res, stem + ".md", model_name=model_name,
+                                 title=f"Interpretability: {model_name}, {args.split} split")
+    files = [stem + ".json", stem + ".md"]
+    if args.grid_images > 0 and res.examples.get("maps"):
+        files.append(save_overlay_grid(res.examples["images"], res.examples["maps"],
+                                       os.path.join(out_dir, f"overlays_{args.split}.png"), n=args.grid_images,
+                                       masks=res.examples.get("masks")))
+    print("\n" + table)
+    return {"results": dict(res), "meta": res.meta, "files": files}
+
+
 def format_table(results: Dict[str, Any]) -> str:
     rows = [(k, v) for k, v in results.items() if isinstance(v, (int, float))]
     width = max(len(k) for k, _ in rows)
@@ -141,12 +186,14 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     results: Dict[str, Any] = {"source": src, "split": args.split, "model": type(model).__name__}
     results["accuracy"] = evaluate_accuracy(model, loader, dm.num_classes, dm.multilabel, args.device,
                                             args.limit_batches, getattr(dm, "class_names", None))
+    if args.explainers:
+        results["interpretability"] = evaluate_interpretability(model, loader, args, out_dir, results["model"])
     path = os.path.join(out_dir, f"metrics_{args.split}.json")
     with open(path, "w") as f:
         json.dump(results, f, indent=2)
     print(f"\n{results['model']} on the {args.split} split ({results['accuracy']['num_images']} images)")
     print(format_table(results["accuracy"]))
-    print(f"\nwrote {path}")
+    print(f"\nwrote {path}" + "".join(f", {f}" for f in results.get("interpretability", {}).get("files", [])))
     return results
 
 
