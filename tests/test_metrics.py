@@ -502,3 +502,33 @@ def test_runner_with_zoo_explainers_on_synthetic_benchmark(kind, tmp_path):
     save_overlay_grid(res.examples["images"], res.examples["maps"], str(tmp_path / "g.png"),
                       masks=res.examples["masks"])
     assert (tmp_path / "g.png").exists()
+
+
+def test_eval_py_end_to_end_writes_json_table_and_png(tmp_path):
+    """eval.py --explainers ... on a tiny saved baseline and a tiny synthetic data config."""
+    pytest.importorskip("models.explainers")
+    import eval as eval_script
+
+    import models
+
+    torch.manual_seed(0)
+    w = tmp_path / "tiny.safetensors"
+    models.save_weights(models.create_model("baseline", backbone="resnet18", num_classes=3), w)
+    cfg = tmp_path / "data.yaml"
+    cfg.write_text("data:\n  class_path: trainers.data.SyntheticShapesDataModule\n  init_args:\n"
+                   "    num_classes: 3\n    image_size: 32\n    train_size: 4\n    val_size: 6\n    test_size: 4\n"
+                   "    batch_size: 4\n")
+    out = tmp_path / "eval"
+    res = eval_script.main(["--weights", str(w), "--model", "baseline", "--model-kwargs", '{"backbone": "resnet18"}',
+                            "--data-config", str(cfg), "--split", "val", "--device", "cpu", "--out", str(out),
+                            "--explainers", "gradcam,intrinsic", "--metrics", "ad,ag,ai,ins,del,pg,miou",
+                            "--max-images", "5", "--steps", "4", "--grid-images", "3"])
+    js = json.loads((out / "interpretability_val.json").read_text())
+    assert set(js["results"]) == {"gradcam", "intrinsic", "random", "fakecam"}
+    assert js["results"]["gradcam"]["n"] == 5 and js["meta"]["n_images"] == 5 and js["meta"]["steps"] == 4
+    assert set(js["results"]["gradcam"]) >= {"ad", "ag", "ai", "ins", "del", "pg", "miou", "time"}
+    md = (out / "interpretability_val.md").read_text()
+    assert "| gradcam | Baseline |" in md and "| fakecam | Baseline |" in md and "AD↓" in md
+    assert (out / "overlays_val.png").stat().st_size > 1000
+    assert res["interpretability"]["results"]["gradcam"]["ad"] == js["results"]["gradcam"]["ad"]
+    assert json.loads((out / "metrics_val.json").read_text())["accuracy"]["num_images"] == 6
