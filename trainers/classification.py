@@ -220,6 +220,13 @@ class ClassificationModule(pl.LightningModule):
             dcls = type(dm)
             checkpoint["zoo"]["datamodule_class"] = f"{dcls.__module__}.{dcls.__qualname__}"
             checkpoint["zoo"]["datamodule_hparams"] = {k: v for k, v in dm.hparams.items() if not k.startswith("_")}
+        # RNG state, so stochastic mechanisms (PICNN sampling, dropout) resume exactly
+        checkpoint["zoo"]["torch_rng_state"] = torch.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        state = (checkpoint.get("zoo") or {}).get("torch_rng_state")
+        if state is not None:
+            torch.set_rng_state(state)
 
     # ---- optimisation ---------------------------------------------------------------------
     def configure_optimizers(self):

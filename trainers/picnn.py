@@ -92,8 +92,8 @@ class PICNNModule(ClassificationModule):
         ev = self.model.evaluate_pathways(x)  # deterministic and label-free
         logits = ev["logits"]
         return {"loss": F.cross_entropy(logits, y), "logits": logits,
-                "acc2": 100.0 * (ev["logits_cluster"].argmax(1) == y).float().mean(),
-                "acc3": 100.0 * (ev["logits_complement"].argmax(1) == y).float().mean()}
+                "acc2": (ev["logits_cluster"].argmax(1) == y).float().mean(),
+                "acc3": (ev["logits_complement"].argmax(1) == y).float().mean()}
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         self.model.project_parameters_()  # projected step for p_param="clamp" (no-op otherwise)
