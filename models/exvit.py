@@ -45,7 +45,7 @@ from .base import InterpretableClassifier, normalize_saliency
 from .registry import register_model
 
 __all__ = ["EMHAttention", "swap_attention", "AttE", "GeM", "gem", "ExViT", "global_loss",
-           "normalized_mse", "discriminability_loss", "diversity_loss", "momentum_copy", "ema_update_"]
+           "normalized_mse", "discriminability_loss", "diversity_loss", "factored_gem", "factored_diversity", "momentum_copy", "ema_update_"]
 
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -268,8 +268,9 @@ class AttE(nn.Module):
 
     ``forward(P)`` with patch features ``P`` (B, N, d) returns the soft attribute assignment ``m`` (B, N, S):
     ``C = f_φ(P)`` (4.7), ``C̄ = C / ||C||`` over the c channels (4.8), sliced into S groups of c/S
-    channels, each reduced to ``m_s = ||C̄_s||²`` (``reduce="sqnorm"``, Σ_s m_s = 1, [D 10]) or to the
-    (signed) group mean (``reduce="mean"``). ``G_s = m_s ⊙ P`` (4.9) is :meth:`attributes`.
+    channels, each reduced to ``m_s = ||C̄_s||²`` (Σ_s m_s = 1, [D 10]; the spec's signed "group mean"
+    alternative is not offered: every map must stay non-negative for the factored GeM/CAM, see
+    :func:`factored_gem`). ``G_s = m_s ⊙ P`` (4.9) is :meth:`attributes`.
     """
 
     def __init__(self, dim: int, channels: int = 256, num_attributes: int = 8, hidden: int = 384,
@@ -278,8 +279,8 @@ class AttE(nn.Module):
         if channels % num_attributes:
             raise ValueError(f"AttE channels c={channels} must be divisible by the number of attributes "
                              f"S={num_attributes} (each attribute gets c/S channels).")
-        if reduce not in ("sqnorm", "mean"):
-            raise ValueError(f"AttE reduce must be 'sqnorm' or 'mean', got {reduce!r}.")
+        if reduce != "sqnorm":
+            raise ValueError(f"AttE reduce must be 'sqnorm' (m_s = ||C̄_s||², [D 10]), got {reduce!r}.")
         self.num_attributes, self.channels, self.reduce, self.eps = num_attributes, channels, reduce, eps
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.LayerNorm(hidden), nn.ReLU(inplace=True),
                                  nn.Linear(hidden, channels))
@@ -288,7 +289,7 @@ class AttE(nn.Module):
         c = self.mlp(P)                                                       # (4.7)
         c = c / torch.linalg.vector_norm(c, dim=-1, keepdim=True).clamp_min(self.eps)  # (4.8)
         c = c.unflatten(-1, (self.num_attributes, self.channels // self.num_attributes))
-        return c.pow(2).sum(-1) if self.reduce == "sqnorm" else c.mean(-1)   # (B, N, S)
+        return c.pow(2).sum(-1)                                               # (B, N, S), Σ_s = 1
 
     @staticmethod
     def attributes(m: Tensor, P: Tensor) -> Tensor:
@@ -333,6 +334,31 @@ def diversity_loss(G: Tensor, eps: float = 1e-6) -> Tensor:
     g = g / torch.linalg.vector_norm(g, dim=-1, keepdim=True).clamp_min(eps)
     gram = g @ g.transpose(1, 2)                                    # (B, S, S)
     off = gram.sum((1, 2)) - gram.diagonal(dim1=1, dim2=2).sum(-1)
+    return (off / (S * (S - 1))).mean()
+
+
+def factored_gem(w: Tensor, Q: Tensor, p, eps: float = 1e-6) -> Tensor:
+    """GeM over locations of ``clamp(w_s(n) Q(n), eps)`` without building the (B, S, N, d) tensor.
+
+    For ``w >= 0``: ``(mean_n (w_s(n) Q(n))_+^p)^(1/p) = (Σ_n w_s(n)^p Q(n)_+^p / N)^(1/p)``, one matmul.
+    Bases are floored at ``eps`` (as :func:`gem` does), so it equals ``gem(w ⊗ Q)`` up to O(eps).
+    ``w`` (B, N, S) >= 0, ``Q`` (B, N, d) -> (B, S, d)."""
+    N = Q.shape[1]
+    wp = w.clamp_min(eps).pow(p)
+    qp = Q.clamp_min(eps).pow(p)
+    return (torch.einsum("bns,bnd->bsd", wp, qp) / N).pow(1.0 / p)
+
+
+def factored_diversity(m: Tensor, P: Tensor, eps: float = 1e-6) -> Tensor:
+    """:func:`diversity_loss` of ``G_s = m_s ⊙ P`` without building G: <G_i, G_j> = Σ_n m_i m_j ||P_n||²."""
+    S = m.shape[-1]
+    if S < 2:
+        return m.new_zeros(())
+    r = P.pow(2).sum(-1)                                            # (B, N)
+    gram = torch.einsum("bni,bnj->bij", m * r.unsqueeze(-1), m)     # (B, S, S)
+    nrm = gram.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt().clamp_min(eps)
+    cos = gram / (nrm.unsqueeze(2) * nrm.unsqueeze(1))
+    off = cos.sum((1, 2)) - cos.diagonal(dim1=1, dim2=2).sum(-1)
     return (off / (S * (S - 1))).mean()
 
 
@@ -454,37 +480,54 @@ class ExViT(InterpretableClassifier):
         return feats, grid
 
     def features(self, x: Tensor) -> Dict[str, Tensor]:
-        """Everything the losses and explanations need for one view.
+        """Everything the losses and explanations need for one view, in factored form.
 
-        Returns a dict with ``P`` (B, N, d) = LN(F^L) patches, ``grid``, and for the AttE head: ``m`` (B, N, S)
-        attribute assignment, ``G`` (B, S, N, d) (4.9), ``M`` (B, S, N, d) (4.11); ``feat`` = the map the
-        classifier pools ((B, S, N, d) or (B, 1, N, d) for the plain head)."""
+        Every map the classifier pools is ``feat_s(n) = w_s(n) Q(n)`` with a non-negative per-location weight
+        ``w`` (B, N, S) and a feature ``Q`` (B, N, d), so GeM, CAMs and L_div never materialise the
+        (B, S, N, d) tensors (see :func:`factored_gem`):
+
+        * AttE head: ``m`` (B, N, S) from AttE; ``G_s = m_s ⊙ P`` (4.9); ``M_s = F̂ ⊙ G_s = m_s (F̂ ⊙ P)`` (4.11),
+          i.e. ``w = m``, ``Q = F̂ ⊙ P`` (``fuse_mode="gate"``: ``Q = F̂``), with F̂ the mean of the last K
+          normalised block outputs (4.10);
+        * plain head: ``w = 1`` (S = 1), ``Q = P``.
+
+        Returns ``P`` (B, N, d) = LN(F^L) patch tokens, ``grid``, ``w``, ``Q`` and (AttE) ``m``.
+        :meth:`materialize` builds ``G`` and ``M`` explicitly."""
         feats, grid = self.encode(x)
         P = feats[-1]
         out = {"P": P, "grid": grid}
         if self.head_mode == "plain":
-            out["feat"] = P.unsqueeze(1)
+            out.update(w=P.new_ones(P.shape[0], P.shape[1], 1), Q=P)
             return out
-        m = self.atte(P)
-        G = AttE.attributes(m, P)                                      # (4.9)
+        m = self.atte(P)                                                # (4.7)-(4.8), groups -> m_s
         f_hat = torch.stack(feats, 0).mean(0)                           # (4.10)
-        M = f_hat.unsqueeze(1) * (G if self.fuse_mode == "product" else m.transpose(1, 2).unsqueeze(-1))  # (4.11)
-        out.update(m=m, G=G, M=M, feat=M)
+        Q = f_hat * P if self.fuse_mode == "product" else f_hat          # (4.11) M_s = m_s ⊙ Q
+        out.update(m=m, w=m, Q=Q)
         return out
 
-    def classify(self, feat: Tensor) -> Tensor:
-        """GeM over the N locations of clamp(feat), then Linear (§6 [D 13])."""
-        return self.head(self.gem(feat, dim=2).flatten(1))
+    @staticmethod
+    def materialize(out: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        """Explicit ``G`` (B, S, N, d) (4.9) and ``M`` (B, S, N, d) (4.11) from :meth:`features` (tests, plots)."""
+        res = {"M": AttE.attributes(out["w"], out["Q"])}
+        if "m" in out:
+            res["G"] = AttE.attributes(out["m"], out["P"])
+        return res
+
+    def classify(self, out: Dict[str, Tensor]) -> Tensor:
+        """GeM over the N locations of clamp(M) (learnable p), then Linear(S·d -> C) (§6 [D 13])."""
+        return self.head(factored_gem(out["w"], out["Q"], self.gem.p.clamp_min(1.0), self.eps).flatten(1))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.classify(self.features(x)["feat"])
+        return self.classify(self.features(x))
 
     def forward_train(self, x: Tensor) -> Dict[str, Tensor]:
-        """``features`` plus ``logits`` and, for AttE, ``u`` = GeM_3(clamp(G)) (B, S, d) for eq. 4.13."""
+        """``features`` plus ``logits`` and, for AttE, ``u`` = GeM_3(clamp(G)) (B, S, d) for eq. 4.13 and
+        ``div`` = L_div (4.14) of this view."""
         out = self.features(x)
-        out["logits"] = self.classify(out["feat"])
-        if "G" in out:
-            out["u"] = gem(out["G"], 3.0, dim=2, eps=self.eps)
+        out["logits"] = self.classify(out)
+        if "m" in out:
+            out["u"] = factored_gem(out["m"], out["P"], 3.0, self.eps)
+            out["div"] = factored_diversity(out["m"], out["P"], self.eps)
         return out
 
     @torch.no_grad()
@@ -492,14 +535,16 @@ class ExViT(InterpretableClassifier):
         """Momentum-branch output: ``u' = GeM_3(clamp(G'))`` (B, S, d) of eq. 4.13 (no gradient)."""
         feats, _ = self.encode(x, num_layers=1)
         P = feats[-1]
-        return gem(AttE.attributes(self.atte(P), P), 3.0, dim=2, eps=self.eps)
+        return factored_gem(self.atte(P), P, 3.0, self.eps)
 
     # -- explanations (§8) ---------------------------------------------------------------------------------
-    def _cams(self, feat: Tensor) -> Tensor:
-        """Pre-ReLU per-attribute contributions E_{c,s}(n) = <w_{c,s}, clamp(M_s(n))>: (B, C, S, N)."""
-        S = feat.shape[1]
-        w = self.head.weight.view(self.num_classes, S, self.embed_dim)
-        return torch.einsum("bsnd,csd->bcsn", feat.clamp_min(self.eps), w)
+    def _cams(self, out: Dict[str, Tensor]) -> Tensor:
+        """Pre-ReLU per-attribute contributions E_{c,s}(n) = <w_{c,s}, clamp(M_s(n))> = m_s(n) <w_{c,s},
+        clamp(Q(n))>: (B, C, S, N) (the clamp moved onto Q: equal up to eps·||w||)."""
+        wgt, Q = out["w"], out["Q"]
+        S = wgt.shape[-1]
+        W = self.head.weight.view(self.num_classes, S, self.embed_dim)
+        return torch.einsum("csd,bnd->bcsn", W, Q.clamp_min(self.eps)) * wgt.transpose(1, 2).unsqueeze(1)
 
     def _to_image(self, maps: Tensor, grid: Tuple[int, int], size: Sequence[int]) -> Tensor:
         """(B, K, N) patch maps -> (B, K, H, W): upsample to the padded size and crop the padding."""
@@ -510,9 +555,9 @@ class ExViT(InterpretableClassifier):
 
     def forward_explain(self, x: Tensor, target: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         out = self.features(x)
-        logits = self.classify(out["feat"])
+        logits = self.classify(out)
         c = self.resolve_target(logits, target)
-        cam = self._cams(out["feat"])[torch.arange(x.shape[0], device=x.device), c].sum(1).relu()  # (B, N)
+        cam = self._cams(out)[torch.arange(x.shape[0], device=x.device), c].sum(1).relu()  # (B, N)
         cam = self._to_image(cam.unsqueeze(1), out["grid"], x.shape[2:]).squeeze(1)
         return logits, normalize_saliency(cam)
 
@@ -525,8 +570,8 @@ class ExViT(InterpretableClassifier):
         top-5 attributes of Fig. 4.10 are its 5 largest entries for the predicted class). With
         ``upsample=False`` maps stay on the patch grid."""
         out = self.features(x)
-        logits = self.classify(out["feat"])
-        E = self._cams(out["feat"])                                      # (B, C, S, N)
+        logits = self.classify(out)
+        E = self._cams(out)                                      # (B, C, S, N)
         cams = E.sum(2).relu()
         res = {"logits": logits, "contributions": E.sum(-1)}
         attrs = out["m"].transpose(1, 2) if "m" in out else None

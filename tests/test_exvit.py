@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from models import create_model
-from models.exvit import (AttE, EMHAttention, ExViT, diversity_loss, discriminability_loss, ema_update_, gem,
+from models.exvit import (AttE, EMHAttention, ExViT, diversity_loss, discriminability_loss, ema_update_, factored_diversity,
+                          factored_gem, gem,
                           global_loss, momentum_copy, normalized_mse, swap_attention)
 
 TINY = dict(backbone="deit_tiny_patch16_224", backbone_kwargs=dict(img_size=32, depth=3, patch_size=8),
@@ -137,6 +138,9 @@ def test_atte_partition_and_gem():
     assert G.shape == (2, 4, 9, 24)
     assert torch.allclose(G.sum(1), P, atol=1e-5)
     assert torch.allclose(G[:, 2, 5], m[:, 5, 2, None] * P[:, 5])
+    w, Q = torch.rand(2, 9, 4), torch.randn(2, 9, 24)
+    assert torch.allclose(factored_gem(w, Q, 2.5), gem(AttE.attributes(w, Q), 2.5, dim=2), atol=1e-5)
+    assert torch.allclose(factored_diversity(m, P), diversity_loss(G), atol=1e-5)
     x = torch.rand(3, 7) + 0.1
     assert torch.allclose(gem(x, 1.0, dim=1), x.mean(1)) and torch.allclose(gem(x, 3.0, dim=1), (x ** 3).mean(1) ** (1 / 3))
     with pytest.raises(ValueError, match="divisible"):
@@ -187,7 +191,15 @@ def tiny():
 def test_model_shapes_and_explanations(tiny):
     x = torch.rand(2, 3, 32, 32)
     out = tiny.train().forward_train(x)
-    assert out["logits"].shape == (2, 3) and out["G"].shape == (2, 4, 16, 192) and out["u"].shape == (2, 4, 192)
+    full = ExViT.materialize(out)
+    assert out["logits"].shape == (2, 3) and full["G"].shape == (2, 4, 16, 192) and out["u"].shape == (2, 4, 192)
+    # the factored GeM / L_div used in training equal the literal ones on the materialised G and M
+    assert torch.allclose(out["u"], gem(full["G"], 3.0, dim=2), atol=1e-5)
+    assert torch.allclose(out["div"], diversity_loss(full["G"]), atol=1e-5)
+    f_hat = torch.stack(tiny.encode(x)[0], 0).mean(0)
+    assert torch.allclose(full["M"], f_hat.unsqueeze(1) * full["G"], atol=1e-6)     # (4.11) M = F̂ ⊙ G
+    z = tiny.head(gem(full["M"], tiny.gem.p, dim=2).flatten(1))
+    assert torch.allclose(z, out["logits"], atol=1e-4)
     tiny.eval()
     logits, sal = tiny.forward_explain(x, target=torch.tensor([1, 2]))
     assert sal.shape == (2, 32, 32) and sal.min() >= 0 and sal.max() <= 1
@@ -196,7 +208,7 @@ def test_model_shapes_and_explanations(tiny):
     assert torch.allclose(r["attributes"].sum(1), torch.ones(2, 32, 32), atol=1e-4)
     # contributions are the attribute decomposition of the class-map mass (pre-ReLU): compare on the grid
     g = tiny.explain_all(x, upsample=False)
-    feat = tiny.features(x)["M"].clamp_min(tiny.eps)
+    feat = ExViT.materialize(tiny.features(x))["M"].clamp_min(tiny.eps)
     w = tiny.head.weight.view(3, 4, 192)
     pre = torch.einsum("bsnd,csd->bcn", feat, w)
     assert torch.allclose(g["contributions"].sum(-1), pre.sum(-1), atol=1e-4)
@@ -233,7 +245,7 @@ def test_ema_rule_and_no_gradient():
     x = torch.rand(2, 3, 32, 32)
     for _ in range(2):
         out = online.forward_train(x)
-        loss = out["logits"].sum() + discriminability_loss(out["u"], mom.attribute_pool(x)) + diversity_loss(out["G"])
+        loss = out["logits"].sum() + discriminability_loss(out["u"], mom.attribute_pool(x)) + out["div"]
         opt.zero_grad()
         loss.backward()
         assert all(p.grad is None for p in mom.parameters())

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.exvit import ExViT, diversity_loss, discriminability_loss, ema_update_, momentum_copy
+from models.exvit import ExViT, discriminability_loss, ema_update_, momentum_copy
 
 from .classification import ClassificationModule, build_scheduler
 
@@ -205,7 +205,7 @@ class ExViTModule(ClassificationModule):
             loss = loss + self.alpha * l_dis
             res["dis"] = l_dis.detach()
         if self.beta > 0:
-            l_div = diversity_loss(out["G"])                                     # (4.14)
+            l_div = out["div"]                                                   # (4.14), factored
             loss = loss + self.beta * l_div
             res["div"] = l_div.detach()
         if "m" in out:  # attribute usage: share of the most used attribute (collapse monitor, [D 16])
