@@ -207,7 +207,8 @@ class SaliencyIoU(_RegionMetric):
 
 
 class Runtime(Metric):
-    """Explainer runtime: ``update(seconds, n_images)``; ``compute()`` = seconds per image."""
+    """Explainer runtime: ``update(seconds, n_images)`` once per call; ``compute()`` = seconds per image,
+    ``per_call()`` = seconds per call (per batch; spec §6.6 asks for both)."""
 
     is_differentiable = False
     full_state_update = False
@@ -217,12 +218,17 @@ class Runtime(Metric):
         super().__init__(**kwargs)
         self.add_state("seconds", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("calls", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, seconds: float, n_images: int) -> None:
         if not math.isfinite(seconds) or seconds < 0 or n_images < 0:
             raise ValueError(f"invalid runtime update ({seconds} s for {n_images} images).")
         self.seconds += float(seconds)
         self.count += int(n_images)
+        self.calls += 1
 
     def compute(self) -> Tensor:
         return (self.seconds / self.count.clamp_min(1)).float()
+
+    def per_call(self) -> Tensor:
+        return (self.seconds / self.calls.clamp_min(1)).float()

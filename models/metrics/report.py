@@ -43,7 +43,7 @@ def format_markdown_table(results: Mapping, model_name: Optional[str] = None,
                 if v is None or (isinstance(v, float) and math.isnan(v)):
                     cells.append("–")
                 else:
-                    d = 2 if k == "time" and abs(v) < 10 else digits
+                    d = 2 if k.startswith("time") and abs(v) < 10 else digits
                     cells.append(f"{v:.{d}f}")
             lines.append("| " + " | ".join([str(method), str(model)] + cells) + " |")
     return "\n".join(lines) + "\n"
@@ -59,9 +59,9 @@ def write_markdown_table(results: Mapping, path: str, model_name: Optional[str] 
         text += f"# {title}\n\n"
     text += format_markdown_table(results, model_name, metrics, digits)
     if meta:
+        proto = ", ".join(f"{k}={v}" for k, v in meta.items() if k not in ("metrics", "explainers", "time_unit"))
         text += ("\nAD/AG/AI/Ins/Del/PG/EPG/mIoU ×100; ↑/↓: higher/lower is better; T: explainer time in ms per "
-                 "explanation. Protocol: " + ", ".join(f"{k}={v}" for k, v in meta.items()
-                                                       if k not in ("metrics", "explainers")) + ".\n")
+                 f"explanation (ms/img) and per explainer call on a batch (ms/batch). Protocol: {proto}.\n")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         f.write(text)
