@@ -147,13 +147,21 @@ def test_class_specific_uses_label_in_training_and_gap_prediction_at_inference()
     with torch.no_grad():
         m.stream.q0.copy_(torch.randn_like(m.stream.q0) * 3)
     x = torch.rand(4, 3, 64, 64)
-    out = m.forward_stream(x)
+    f0 = m.stage_features(x)[0]
+
+    def first_attention(rows):  # eq. 3.1 with the query row of each image
+        return CrossAttention(64)(m.stream.q0[rows], f0)[1]
+
+    out = m.forward_stream(x)  # inference: the row of the GAP model's prediction
     pred = out["gap_logits"].argmax(1)
     assert torch.equal(out["query_class"], pred)
+    torch.testing.assert_close(out["attentions"][0], first_attention(pred))
     torch.testing.assert_close(m(x), m(x, labels=pred))
-    other = (pred + 1) % 4
-    assert not torch.allclose(m(x, labels=other), m(x))
-    assert torch.equal(m.forward_stream(x, other)["query_class"], other)
+    other = (pred + 1) % 4  # training: the label's row
+    out2 = m.forward_stream(x, other)
+    assert torch.equal(out2["query_class"], other)
+    torch.testing.assert_close(out2["attentions"][0], first_attention(other))
+    assert not torch.allclose(out2["attentions"][0], out["attentions"][0])
     with pytest.raises(ValueError, match="integer class labels"):
         m(x, labels=torch.zeros(4, 4))
 
@@ -179,8 +187,8 @@ def test_forward_explain_is_upsampled_last_attention_and_class_agnostic():
     a = m.attention_maps(x)[-1]
     assert a.shape == (2, 2, 2)
     ref = F.interpolate(a[:, None], size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
-    ref = (ref - ref.amin((1, 2), keepdim=True)) / (ref.amax((1, 2), keepdim=True) - ref.amin((1, 2), keepdim=True))
-    torch.testing.assert_close(sal, ref, atol=1e-5, rtol=0)
+    lo, hi = ref.amin((1, 2), keepdim=True), ref.amax((1, 2), keepdim=True)
+    torch.testing.assert_close(sal, (ref - lo) / (hi - lo + 1e-7), atol=1e-6, rtol=0)  # eq. 1.7
     torch.testing.assert_close(m.forward_explain(x, target=torch.tensor([3, 1]))[1], sal)
     torch.testing.assert_close(logits, m(x))
 

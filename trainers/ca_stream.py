@@ -57,9 +57,23 @@ class CAStreamModule(ClassificationModule):
         if train_mode == "stream":
             # the classifier g = dropout + fc is frozen: its dropout stays in eval mode too
             self.frozen_modules = list(self.frozen_modules) + [self.model.drop]
+            self._eval_frozen()
         if self.model.class_specific and self.multilabel:
             raise ValueError("the class-specific CA-Stream needs single-label data (one query row per image); "
                              "use class_specific: false for multi-label datasets.")
+
+    def _eval_frozen(self) -> None:
+        for m in self.frozen_modules:
+            m.eval()
+
+    # Lightning >= 2.2 does not call ``module.train()`` when fit starts (it captures/restores each
+    # submodule's mode around validation), so the base class's ``train()`` override alone would leave a
+    # freshly built backbone in train mode: BatchNorm statistics would move. Re-apply eval() here.
+    def on_fit_start(self) -> None:
+        self._eval_frozen()
+
+    def on_train_epoch_start(self) -> None:
+        self._eval_frozen()
 
     def compute_loss(self, batch: Dict[str, Tensor], stage: str) -> Dict[str, Tensor]:
         x, y = batch["image"], batch["label"]
