@@ -1,0 +1,259 @@
+"""PICNN paper Table 1 on the embedded benchmark: STD (lambda = 0) vs PICNN (lambda = 2).
+
+    python experiments/picnn.py                       # ResNet-18 + MobileNetV2, ~15 min on 2 quiet cores
+    python experiments/picnn.py --backbones resnet18 --epochs 3 --train-size 600   # smoke run
+    python experiments/picnn.py --gumbel              # + the Table 4 ablation (Gumbel-softmax, tau 0.01)
+
+For every backbone, two models with the same seed (so the same random initial P) are trained on the
+synthetic shapes (``trainers/data/synthetic.py``) with ``trainers.picnn.PICNNModule``; the checkpoint is
+selected on the validation split (``val/acc``), then the test split gives
+
+* ACC1 (discrimination pathway), ACC2 (only the *predicted* class's cluster), ACC3 (all filters but that
+  cluster): deterministic and label-free, clusters = argmax over classes of P per filter;
+* MIS (mean over filters of the max over classes of the kNN mutual information, sklearn, nats);
+* diagnostics: ACC2 with the official stochastic pathway (pseudo-label + Bernoulli mask, mean of
+  ``--draws`` seeded draws), ACC3 with the *true* class's cluster (label-based, official), and how far
+  P moved from uniform (mean over filters of max_k P[k, i]; 1/K = uniform).
+
+Writes ``docs/results/picnn.md`` (+ ``picnn.json``), the cluster CAM grids
+``docs/results/picnn_cams_<backbone>.png`` (paper Fig. 7 a/b/c: CAM of all / cluster / complement
+filters; for GAP + linear this is exactly Grad-CAM on the target layer) and ``picnn_P_<backbone>.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*LeafSpec.*")
+warnings.filterwarnings("ignore", ".*GPU available.*")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backbones", default="resnet18,mobilenetv2_100", help="comma-separated timm names")
+    p.add_argument("--num-classes", type=int, default=4)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--train-size", type=int, default=1200)
+    p.add_argument("--val-size", type=int, default=200)
+    p.add_argument("--test-size", type=int, default=400)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam lr (paper: 1e-3)")
+    p.add_argument("--p-lr", type=float, default=0.05,
+                   help="separate Adam lr for P (0 = same as --lr, the paper's recipe). Default 0.05: our schedule "
+                        "is ~500x shorter than the paper's 200 epochs, and with Adam a logit of P moves at most "
+                        "~lr per step, so at 1e-3 P would stay uniform; see docs/picnn.md")
+    p.add_argument("--lambda-int", type=float, default=2.0, help="PICNN lambda (paper: 2); STD uses 0")
+    p.add_argument("--gumbel", action="store_true", help="also train the Gumbel-softmax ablation (first backbone)")
+    p.add_argument("--draws", type=int, default=5, help="seeded draws for the stochastic (official) ACC2")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="docs/results")
+    return p.parse_args(argv)
+
+
+def train_one(args, dm, backbone: str, lambda_int: float, sampler: str = "bernoulli"):
+    import pytorch_lightning as pl
+
+    from trainers.callbacks import ZooCheckpoint
+    from trainers.classification import read_checkpoint
+    from trainers.picnn import PICNNModule
+
+    pl.seed_everything(args.seed, workers=True, verbose=False)
+    groups = [{"params": "^p_logits$", "lr": args.p_lr}] if args.p_lr and lambda_int > 0 else None
+    module = PICNNModule(model_kwargs=dict(backbone=backbone, pretrained=False, sampler=sampler),
+                         num_classes=args.num_classes, lambda_int=lambda_int,
+                         optimizer={"name": "adam", "lr": args.lr, "weight_decay": 1e-4}, param_groups=groups,
+                         scheduler={"name": "cosine", "eta_min": args.lr * 1e-3})
+    with tempfile.TemporaryDirectory() as d:
+        ckpt = ZooCheckpoint(dirpath=d, save_last=False)
+        trainer = pl.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=1, logger=False,
+                             enable_progress_bar=False, enable_model_summary=False, callbacks=[ckpt],
+                             num_sanity_val_steps=0, default_root_dir=d)
+        t0 = time.perf_counter()
+        trainer.fit(module, datamodule=dm)
+        train_time = time.perf_counter() - t0
+        best = ckpt.best_model_path
+        sd = read_checkpoint(best)["state_dict"]
+        best_epoch = int(read_checkpoint(best).get("epoch", -1))
+    module.load_state_dict(sd)
+    module.eval()
+    return module.model, {"train_s": train_time, "best_epoch": best_epoch,
+                          "val_acc": float(ckpt.best_model_score) * 100}
+
+
+@torch.no_grad()
+def sampled_acc2(model, loader, draws: int, seed: int) -> float:
+    """Official ACC2: pseudo-label ~ Cat(softmax(y1)), mask ~ Ber(P[y~]) -- mean over seeded draws."""
+    accs = []
+    for d in range(draws):
+        g = torch.Generator().manual_seed(seed + d)
+        correct = total = 0
+        for batch in loader:
+            out = model.forward_train(batch["image"], generator=g)
+            correct += (out["logits_int"].argmax(1) == batch["label"]).sum().item()
+            total += len(batch["label"])
+        accs.append(100.0 * correct / total)
+    return sum(accs) / len(accs)
+
+
+def evaluate(model, dm, args):
+    from models.picnn import evaluate_picnn
+
+    loader = dm.test_dataloader()
+    res = evaluate_picnn(model, loader, mis_estimator="knn")
+    res["acc2_sampled"] = sampled_acc2(model, loader, args.draws, args.seed)
+    P = model.P.detach()
+    res["p_max_mean"] = float(P.max(0).values.mean())
+    sizes = model.cluster_assignment().sum(1).float()
+    res["cluster_size_min"], res["cluster_size_max"] = float(sizes.min()), float(sizes.max())
+    return res
+
+
+def save_pictures(models_by_name, dm, backbone, args):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from models.metrics import save_overlay_grid
+
+    ds = dm.test_set
+    idx = [next(i for i in range(len(ds)) if int(ds[i]["label"]) == c) for c in range(min(args.num_classes, 6))]
+    batch = [ds[i] for i in idx]
+    images = torch.stack([b["image"] for b in batch])
+    masks = torch.stack([(b["mask"] > 0).float() for b in batch])
+    labels = torch.stack([b["label"] for b in batch])
+    maps, titles = {}, [f"{dm.class_names[int(y)]}" for y in labels]
+    for name, model in models_by_name.items():
+        with torch.no_grad():
+            cams = model.cluster_cams(images, target=labels)
+        for part in ("all", "cluster", "complement"):
+            maps[f"{name}: {part}"] = cams[part]
+    cam_path = os.path.join(args.out, f"picnn_cams_{backbone}.png")
+    save_overlay_grid(images, maps, cam_path, n=len(idx), titles=titles, masks=masks)
+    fig, axes = plt.subplots(1, len(models_by_name), figsize=(6 * len(models_by_name), 2.2), squeeze=False)
+    for ax, (name, model) in zip(axes[0], models_by_name.items()):
+        P = model.P.detach()
+        order = torch.argsort(P.argmax(0) * 10 - P.max(0).values)  # group filters by cluster
+        im = ax.imshow(P[:, order].numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1)
+        ax.set_title(f"{name}: P (classes x filters, grouped by argmax cluster)", fontsize=8)
+        ax.set_yticks(range(args.num_classes))
+        ax.set_yticklabels(dm.class_names, fontsize=6)
+        fig.colorbar(im, ax=ax)
+    p_path = os.path.join(args.out, f"picnn_P_{backbone}.png")
+    fig.tight_layout()
+    fig.savefig(p_path, dpi=110)
+    plt.close(fig)
+    return cam_path, p_path
+
+
+def write_report(rows, pics, args, cmd, wall):
+    path = os.path.join(args.out, "picnn.md")
+    cols = [("acc1", "ACC1 ↑"), ("acc2", "ACC2 ↑"), ("acc3", "ACC3 ↓"), ("mis", "MIS ↑"),
+            ("acc2_sampled", "ACC2 sampled (official)"), ("acc3_label", "ACC3 true-label (diag.)"),
+            ("p_max_mean", "mean max_k P"), ("val_acc", "val ACC1 (selection)"), ("best_epoch", "best epoch"),
+            ("train_s", "train s")]
+    lines = ["# PICNN: paper Table 1 on the embedded benchmark", "",
+             f"Command: `{cmd}` (wall time {wall / 60:.1f} min, {torch.get_num_threads()} threads).", "",
+             f"Synthetic shapes, K = {args.num_classes} classes, {args.image_size} px, train {args.train_size} / "
+             f"val {args.val_size} / test {args.test_size} images, {args.epochs} epochs, Adam lr {args.lr} "
+             f"(P lr {args.p_lr or args.lr}), wd 1e-4, cosine, batch {args.batch_size}, backbones from scratch "
+             f"(no internet for ImageNet weights), target layer = new 3x3 conv with N = round(12.8 K) = "
+             f"{round(12.8 * args.num_classes)} filters, seed {args.seed}. STD = same network and same random "
+             f"initial P trained with lambda = 0 (P frozen); PICNN lambda = {args.lambda_int}. Checkpoint selected "
+             "on validation ACC1; all numbers on the test split, accuracies in %.", "",
+             "ACC2/ACC3: deterministic and label-free (cluster of the *predicted* class, clusters = argmax over "
+             "classes of P per filter). MIS: sklearn `mutual_info_classif` (kNN, k = 3, random_state 0) between "
+             "the spatial sum of each filter map and one-vs-rest ground truth, max over classes, mean over "
+             f"filters, nats (upper bound H_b(1/K) = "
+             f"{-(1 / args.num_classes) * __import__('math').log(1 / args.num_classes) - (1 - 1 / args.num_classes) * __import__('math').log(1 - 1 / args.num_classes):.3f}).", "",
+             "| backbone | model | " + " | ".join(c[1] for c in cols) + " |",
+             "|---|---|" + "---|" * len(cols)]
+    for r in rows:
+        vals = []
+        for k, _ in cols:
+            v = r.get(k)
+            vals.append("-" if v is None else (f"{v:.0f}" if k in ("train_s", "best_epoch") else
+                                               f"{v:.3f}" if k in ("mis", "p_max_mean") else f"{v:.1f}"))
+        lines.append(f"| {r['backbone']} | {r['model']} | " + " | ".join(vals) + " |")
+    lines += ["", "## Paper expectation vs this run (automatic checks)", ""]
+    by = {}
+    for r in rows:
+        by.setdefault(r["backbone"], {})[r["model"]] = r
+    for bb, d in by.items():
+        if "STD" not in d or "PICNN" not in d:
+            continue
+        s, p = d["STD"], d["PICNN"]
+        checks = [("ACC1 kept (|PICNN - STD| <= 3 points)", abs(p["acc1"] - s["acc1"]) <= 3.0),
+                  ("ACC2 close to ACC1 (PICNN ACC1 - ACC2 <= 10 points)", p["acc1"] - p["acc2"] <= 10.0),
+                  ("ACC2 higher than STD", p["acc2"] > s["acc2"]),
+                  ("ACC3 lower than STD", p["acc3"] < s["acc3"]),
+                  ("ACC3 low (<= 2 x chance)", p["acc3"] <= 200.0 / args.num_classes),
+                  ("MIS higher than STD", p["mis"] > s["mis"])]
+        lines.append(f"- **{bb}**: " + "; ".join(f"{t}: {'yes' if ok else '**no**'}" for t, ok in checks)
+                     + f" (ACC1 {s['acc1']:.1f} -> {p['acc1']:.1f}, ACC2 {s['acc2']:.1f} -> {p['acc2']:.1f}, "
+                       f"ACC3 {s['acc3']:.1f} -> {p['acc3']:.1f}, MIS {s['mis']:.3f} -> {p['mis']:.3f}).")
+    lines += ["", "Paper (seed 003, Table 1, ResNet-18 etc. on CIFAR-10 / STL-10 / VOC-Part, ImageNet-pretrained, "
+              "200 epochs): ACC1 comparable to STD, ACC2 slightly below ACC1, ACC3 far lower than STD, MIS much "
+              "higher than STD (the table's numbers are images in the seed text, so only these signs are "
+              "compared). Discussion and the investigation: `docs/picnn.md`.", "", "## Pictures", ""]
+    for bb, (cam, pm) in pics.items():
+        lines += [f"- {bb}: CAM of the true class from all / cluster / complement filters, STD and PICNN "
+                  f"(paper Fig. 7 a/b/c; GT object contour in green): ![]({os.path.basename(cam)})",
+                  f"- {bb}: P matrices: ![]({os.path.basename(pm)})"]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(args.out, "picnn.json"), "w") as f:
+        json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+    return path
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    from trainers.data import SyntheticShapesDataModule
+
+    t_start = time.perf_counter()
+    dm = SyntheticShapesDataModule(num_classes=args.num_classes, image_size=args.image_size,
+                                   train_size=args.train_size, val_size=args.val_size, test_size=args.test_size,
+                                   batch_size=args.batch_size, seed=args.seed)
+    dm.setup("fit")
+    dm.setup("test")
+    rows, pics = [], {}
+    for i, bb in enumerate(b for b in args.backbones.split(",") if b):
+        runs = [("STD", 0.0, "bernoulli"), ("PICNN", args.lambda_int, "bernoulli")]
+        if args.gumbel and i == 0:
+            runs.append(("PICNN-Gumbel", args.lambda_int, "gumbel"))
+        models_by_name = {}
+        for name, lam, sampler in runs:
+            print(f"[picnn] training {bb} {name} (lambda={lam}, sampler={sampler})", flush=True)
+            model, info = train_one(args, dm, bb, lam, sampler)
+            res = evaluate(model, dm, args)
+            row = {"backbone": bb, "model": name, **info, **res}
+            print("[picnn] " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                                         for k, v in row.items()), flush=True)
+            rows.append(row)
+            if name in ("STD", "PICNN"):
+                models_by_name[name] = model
+        pics[bb] = save_pictures(models_by_name, dm, bb, args)
+    cmd = "python experiments/picnn.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(
+        sys.argv[1:] if argv is None else argv))
+    path = write_report(rows, pics, args, cmd, time.perf_counter() - t_start)
+    print(f"[picnn] wrote {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
