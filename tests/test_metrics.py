@@ -234,6 +234,24 @@ def test_batched_curves_equal_naive_loop_2d(max_batch):
         assert torch.allclose(got, ref, atol=1e-5), (mode, base)
 
 
+def test_batched_curves_with_a_model_that_views_its_input():
+    """channels-last batching falls back to the default layout for models that .view() their input."""
+    torch.manual_seed(0)
+
+    class ViewNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3 * 6 * 6, 2)
+
+        def forward(self, x):
+            return self.fc(x.view(x.shape[0], -1))
+
+    model = ViewNet().eval()
+    x, maps, t = torch.rand(2, 3, 6, 6), torch.rand(2, 6, 6), torch.tensor([0, 1])
+    got = perturbation_curves(model, x, maps, t, "deletion", steps=4, baseline="black")
+    assert torch.allclose(got, _naive_curves(model, x, maps, t, "deletion", 4, "black"), atol=1e-6)
+
+
 def test_batched_curves_equal_naive_loop_3d_volumes():
     torch.manual_seed(1)
     model = nn.Sequential(nn.Conv3d(1, 3, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool3d(1), nn.Flatten(),

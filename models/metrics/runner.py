@@ -152,7 +152,7 @@ def _sync(device: torch.device) -> None:
 def run_interpretability(model: nn.Module, dataloader: Iterable, explainers, metrics=("ad", "ag", "ai", "ins", "del",
                          "pg", "miou"), max_images: Optional[int] = None, device: Union[str, torch.device] = "cpu",
                          progress: bool = True, target: str = "label", correct_only: bool = False,
-                         sanity: bool = True, steps: Optional[int] = None, max_batch: int = 128,
+                         sanity: bool = True, steps: Optional[int] = None, max_batch: int = 64,
                          insertion_baseline="blur", deletion_baseline="black", tolerance_px: int = 0,
                          iou_threshold: Union[str, float] = "mean_std", score: str = "auto",
                          target_layers=None, explainer_kwargs: Optional[Dict[str, dict]] = None,
