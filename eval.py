@@ -55,10 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--target", default="label", choices=["label", "pred"], help="class explained: ground truth or predicted")
     g.add_argument("--correct-only", action="store_true", help="count only correctly classified images")
     g.add_argument("--steps", type=int, default=None, help="insertion/deletion steps (default ceil(sqrt(#pixels)))")
-    g.add_argument("--max-batch", type=int, default=128, help="images per forward call in insertion/deletion")
+    g.add_argument("--max-batch", type=int, default=64, help="images per forward call in insertion/deletion")
     g.add_argument("--tolerance-px", type=int, default=0, help="pointing-game tolerance (15 in the original protocol)")
     g.add_argument("--iou-threshold", default="mean_std", help="mean_std (seed 002 eq. 5.1), mean, or a number")
     g.add_argument("--grid-images", type=int, default=4, help="images in the overlay PNG")
+    g.add_argument("--picnn", action="store_true",
+                   help="PICNN filter-cluster metrics ACC1/ACC2/ACC3/MIS (models/metrics/picnn.py, docs/picnn.md)")
     return p
 
 
@@ -188,6 +190,15 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                                             args.limit_batches, getattr(dm, "class_names", None))
     if args.explainers:
         results["interpretability"] = evaluate_interpretability(model, loader, args, out_dir, results["model"])
+    if args.picnn:
+        from models.metrics.picnn import evaluate_picnn
+
+        if not hasattr(model, "evaluate_pathways"):
+            raise SystemExit(f"error: --picnn needs a PICNN model (create_model('picnn', ...)), got {results['model']}.")
+        bs = loader.batch_size or 1
+        results["picnn"] = evaluate_picnn(model, loader, args.device,
+                                          max_images=args.limit_batches * bs if args.limit_batches else None)
+        print("PICNN (%): " + ", ".join(f"{k}={v:.4f}" for k, v in results["picnn"].items()))
     path = os.path.join(out_dir, f"metrics_{args.split}.json")
     with open(path, "w") as f:
         json.dump(results, f, indent=2)
