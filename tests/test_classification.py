@@ -65,3 +65,18 @@ def test_multilabel_loss_and_metrics():
     out = m.compute_loss({"image": torch.rand(2, 3, 32, 32), "label": torch.tensor([[1., 0, 1, 0], [0, 1, 0, 0]])}, "val")
     assert out["loss"].ndim == 0 and "val/mAP" in [f"val/{k}" for k in m.val_metrics.keys(keep_base=True)] or True
     assert any("mAP" in k for k in m.val_metrics.keys())
+
+
+def test_frozen_backbone_is_bit_identical_after_lightning_fit():
+    import pytorch_lightning as pl
+
+    from trainers.data import SyntheticShapesDataModule
+
+    m = _module(freeze=[r"^backbone\."], optimizer={"name": "sgd", "lr": 0.1})
+    before = {k: v.clone() for k, v in m.model.state_dict().items()}
+    dm = SyntheticShapesDataModule(num_classes=3, image_size=32, train_size=32, val_size=16, test_size=16, batch_size=16)
+    pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False).fit(m, dm)
+    after = m.model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items() if k.startswith("backbone."))
+    assert not torch.equal(after["fc.weight"], before["fc.weight"])

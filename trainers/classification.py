@@ -163,11 +163,22 @@ class ClassificationModule(pl.LightningModule):
             raise ValueError(f"freeze patterns {patterns} match no parameter of {type(self.model).__name__}.")
         self.frozen_modules = _fully_frozen_modules(self.model)
 
+    def eval_frozen(self) -> None:
+        """Put the frozen sub-modules in eval mode (their BatchNorm statistics must not move)."""
+        for m in getattr(self, "frozen_modules", []):
+            m.eval()
+
     def train(self, mode: bool = True):
         super().train(mode)
-        for m in getattr(self, "frozen_modules", []):  # frozen parts keep their BN statistics
-            m.eval()
+        self.eval_frozen()
         return self
+
+    # Lightning >= 2.2 restores per-module training flags instead of calling ``train()``: re-apply.
+    def on_fit_start(self) -> None:
+        self.eval_frozen()
+
+    def on_train_epoch_start(self) -> None:
+        self.eval_frozen()
 
     # ---- steps ----------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
