@@ -108,7 +108,7 @@ def sampled_acc2(model, loader, draws: int, seed: int) -> float:
 
 
 def evaluate(model, dm, args):
-    from models.picnn import evaluate_picnn
+    from models.metrics.picnn import evaluate_picnn
 
     loader = dm.test_dataloader()
     res = evaluate_picnn(model, loader, mis_estimator="knn")

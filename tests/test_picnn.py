@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from models import create_model
-from models.picnn import (PICNN, PICNNMetrics, bernoulli_straight_through, categorical_straight_through,
-                          evaluate_picnn, gumbel_filter_mask, mutual_information_score)
+from models.metrics.picnn import PICNNMetrics, evaluate_picnn, mutual_information_score
+from models.picnn import (PICNN, bernoulli_straight_through, categorical_straight_through,
+                          gumbel_filter_mask)
 
 K = 3
 
@@ -106,6 +107,7 @@ def test_gumbel_mask_is_one_class_per_filter_and_matches_P():
 
 # ---- the model ---------------------------------------------------------------------------------------
 def test_defaults_ratio_names_and_P_range(model):
+    assert isinstance(model, PICNN)
     assert model.num_filters == round(12.8 * K)
     assert model.fc.in_features == model.num_filters
     names = [n for n, _ in model.named_parameters()]
@@ -254,6 +256,17 @@ def test_eval_deterministic_label_free_and_metric(model, x):
     assert math.isclose(r1["acc2"], 0.5 * (acc("logits_cluster") + 100 * (
         model.evaluate_pathways(x.flip(-1))["logits_cluster"].argmax(1) == y).float().mean()), abs_tol=1e-4)
     assert set(r1) == {"acc1", "acc2", "acc3", "acc3_label", "mis"}
+
+
+def test_metric_counts_by_hand():
+    m = PICNNMetrics(num_classes=3, compute_mis=False)
+    eye = torch.eye(3)
+    out = {"logits": eye[[0, 1, 2, 0]], "logits_cluster": eye[[0, 1, 1, 1]], "logits_complement": eye[[1, 1, 0, 0]],
+           "pooled": torch.zeros(4, 2)}
+    m.update(out, torch.tensor([0, 1, 2, 2]))
+    r = m.compute()
+    assert torch.allclose(torch.stack([r["acc1"], r["acc2"], r["acc3"]]), torch.tensor([75.0, 50.0, 25.0]))
+    assert "acc3_label" not in r and "mis" not in r
 
 
 # ---- MIS ---------------------------------------------------------------------------------------------
