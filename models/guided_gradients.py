@@ -51,7 +51,8 @@ __all__ = ["ERROR_FUNCTIONS", "error_mae", "error_mse", "error_cosine", "error_h
 # error functions E(delta, delta') between gradient images, eqs. 4.5-4.8 (per sample, shape (B,))
 # ---------------------------------------------------------------------------------------------
 def _flat(d: Tensor) -> Tensor:
-    return d.flatten(1).float()  # all C*H*W entries (spec §10.5), fp32 (spec §5 D)
+    d = d.flatten(1)  # all C*H*W entries (spec §10.5)
+    return d.float() if d.dtype in (torch.float16, torch.bfloat16) else d  # at least fp32 (spec §5 D)
 
 
 def error_mae(d: Tensor, t: Tensor) -> Tensor:
@@ -298,9 +299,10 @@ def _frozen_bn_buffers(model: nn.Module):
     try:
         yield
     finally:
-        with torch.no_grad():
-            for b, s in zip(bufs, saved):
-                b.copy_(s)
+        # ``.data``: not a version bump, so the graph of the extra forward (which saved these buffers as
+        # inputs of batch_norm; train-mode backward does not read them) stays valid
+        for b, s in zip(bufs, saved):
+            b.data.copy_(s)
 
 
 def guided_gradient_loss(model: nn.Module, x: Tensor, y: Tensor, lam: float = 7.5e-3, error: str = "cosine",
