@@ -318,3 +318,40 @@ def test_two_views_geometry():
     assert torch.allclose(v[:, 0][~valid], torch.tensor(0.9))      # padding = fill colour, mask ignore
     v2 = random_scale_crop_flip(img, generator=g)
     assert not torch.equal(v, v2)
+
+
+class _GatherMomentum:
+    """Callback (built lazily so the module imports without Lightning) asserting rank-identical EMA weights."""
+
+    @staticmethod
+    def make():
+        import pytorch_lightning as pl
+
+        class Gather(pl.Callback):
+            def on_train_batch_end(self, trainer, module, outputs, batch, i):
+                flat = torch.cat([p.detach().flatten() for p in module.momentum_branch.parameters()])
+                online = torch.cat([p.detach().flatten() for p in module.model.parameters()])
+                allm = trainer.strategy.all_gather(flat)          # (world, n)
+                allo = trainer.strategy.all_gather(online)
+                assert allm.shape[0] == 2
+                assert torch.equal(allo[0], allo[1])               # DDP keeps θ identical ...
+                assert torch.equal(allm[0], allm[1])               # ... so the EMA ξ is identical too
+
+        return Gather()
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("EXVIT_DDP_TEST"),
+                    reason="2-process gloo DDP run (~1-2 min on CPU): set EXVIT_DDP_TEST=1")
+def test_ema_identical_on_ddp_ranks():
+    import pytorch_lightning as pl
+
+    from trainers.data import SyntheticShapesDataModule
+    from trainers.exvit import ExViTModule
+
+    dm = SyntheticShapesDataModule(num_classes=3, image_size=32, train_size=16, val_size=4, test_size=4,
+                                   multilabel=True, batch_size=4)
+    module = ExViTModule(model_kwargs=TINY, num_classes=3, multilabel=True, momentum=0.9)
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[_GatherMomentum.make()], limit_val_batches=0)
+    trainer.fit(module, dm)
