@@ -220,9 +220,9 @@ def run_interpretability(model: nn.Module, dataloader: Iterable, explainers, met
                 resolved_score = score if score != "auto" else ("sigmoid" if multilabel else "softmax")
                 state = {n: new_metrics(resolved_steps) for n in names}
             n_images += B
-            if bar is not None:
-                bar.update(B)
             if idx.numel() == 0:
+                if bar is not None:
+                    bar.update(B)
                 continue
             xi, ti = x[idx], cls
             n_items += xi.shape[0]
@@ -266,6 +266,8 @@ def run_interpretability(model: nn.Module, dataloader: Iterable, explainers, met
                 for k in _LOCALIZATION:
                     if k in ms:
                         ms[k].update(maps, gt)
+            if bar is not None:
+                bar.update(B)
     finally:
         if bar is not None:
             bar.close()
