@@ -160,9 +160,11 @@ def evaluate_interpretability(model: torch.nn.Module, loader, args, out_dir: str
                                  title=f"Interpretability: {model_name}, {args.split} split")
     files = [stem + ".json", stem + ".md"]
     if args.grid_images > 0 and res.examples.get("maps"):
+        names = getattr(loader.dataset, "class_names", None)
+        titles = [f"{names[t] if names else t} (GT contour)" for t in res.examples["targets"].tolist()]
         files.append(save_overlay_grid(res.examples["images"], res.examples["maps"],
                                        os.path.join(out_dir, f"overlays_{args.split}.png"), n=args.grid_images,
-                                       masks=res.examples.get("masks")))
+                                       titles=titles, masks=res.examples.get("masks")))
     print("\n" + table)
     return {"results": dict(res), "meta": res.meta, "files": files}
 
