@@ -321,3 +321,38 @@ class CAStreamClassifier(InterpretableClassifier):
 
     def stream_parameter_count(self) -> int:
         return sum(p.numel() for _, p in self.mechanism_parameters())
+
+
+def baseline_from_timm(name: str, weights: str, out_path: Optional[str] = None):
+    """A zoo :class:`~models.baseline.Baseline` holding a *complete* timm classifier (backbone and head).
+
+    CA-Stream interprets an already trained model (e.g. timm's ImageNet ResNet-50), so its classifier
+    must be kept; ``Baseline(backbone_weights=...)`` drops it on purpose. This reads a local timm weights
+    file (safetensors / state dict, never unpickled), loads the backbone strictly and copies the head
+    into ``fc``. Only single-Linear heads (``pretrained_cfg['classifier']``, e.g. ResNet ``fc``) fit the
+    zoo baseline (GAP + linear); heads with a norm (ConvNeXt ``head.norm``) raise an error. With
+    ``out_path`` the result is saved (then ``checkpoint_path: <out_path>`` in a CA-Stream config).
+    """
+    import timm
+
+    from .baseline import Baseline
+    from .weights import WeightLoadError, read_state_dict, save_weights
+
+    sd = read_state_dict(weights)
+    heads = timm.create_model(name, pretrained=False).pretrained_cfg.get("classifier") or ()
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    head = heads[0] if len(heads) == 1 else None
+    if head is None or f"{head}.weight" not in sd or any(k.startswith(head.rsplit(".", 1)[0] + ".norm")
+                                                            for k in sd if "." in head):
+        raise WeightLoadError(f"{name!r}: the classifier {heads} is not a single Linear after GAP (or is missing "
+                              f"from {weights!r}); the zoo baseline cannot hold it. Fine-tune a zoo baseline instead "
+                              "(python train.py fit --config configs/baseline/synthetic.yaml with your data).")
+    w, b = sd[f"{head}.weight"], sd.get(f"{head}.bias")
+    model = Baseline(num_classes=w.shape[0], backbone=name, backbone_weights=weights)
+    with torch.no_grad():
+        model.fc.weight.copy_(w)
+        if b is not None:
+            model.fc.bias.copy_(b)
+    if out_path:
+        save_weights(model, out_path)
+    return model
