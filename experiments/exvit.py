@@ -47,10 +47,10 @@ def parse():
     p.add_argument("--with-baseline", action="store_true", help="also train the zoo baseline ViT (a0)")
     p.add_argument("--num-classes", type=int, default=6)
     p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--train-size", type=int, default=800)
+    p.add_argument("--train-size", type=int, default=2000)
     p.add_argument("--val-size", type=int, default=100)
     p.add_argument("--test-size", type=int, default=200)
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--backbone", default="deit_tiny_patch16_224")
     p.add_argument("--embed-dim", type=int, default=96)
@@ -69,6 +69,8 @@ def parse():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1 is much faster than 2 on a shared, oversubscribed machine)")
+    p.add_argument("--jobs", type=int, default=1, help="train variants in parallel processes")
+    p.add_argument("--warmup", type=int, default=30, help="linear lr warm-up steps")
     p.add_argument("--out", default="docs/results/exvit.md")
     return p.parse_args()
 
@@ -94,9 +96,11 @@ def train_variant(key, a, dm):
         bk = dict(mk["backbone_kwargs"], drop_path_rate=0.1)
         module = ClassificationModule(model="baseline", model_kwargs=dict(backbone=a.backbone, backbone_kwargs=bk),
                                       optimizer={"name": "adamw", "lr": a.lr, "weight_decay": 0.01},
-                                      scheduler={"name": "poly", "power": 0.9, "interval": "step"}, **common)
+                                      scheduler={"name": "poly", "power": 0.9, "interval": "step", "warmup": a.warmup},
+                                      **common)
     else:
         module = ExViTModule(model_kwargs={**model_kwargs(a), **v["model"]}, alpha=v["alpha"], beta=v["beta"],
+                             scheduler={"name": "poly", "power": 0.9, "interval": "step", "warmup": a.warmup},
                              momentum=a.momentum, encoder_lr=a.encoder_lr, aug_scale=a.aug_scale,
                              optimizer={"name": "adamw", "lr": a.lr, "weight_decay": 0.01}, **common)
     trainer = pl.Trainer(max_epochs=a.epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -220,23 +224,39 @@ def main():
     kw = dict(num_classes=a.num_classes, image_size=a.image_size, multilabel=True, seed=a.seed)
     val, test = SyntheticShapes("val", a.val_size, **kw), SyntheticShapes("test", a.test_size, **kw)
     print(f"data ready in {time.time() - t_all:.0f}s", flush=True)
-    rows, models = [], {}
-    for k in keys:
-        model, secs, logs = train_variant(k, a, dm)
-        models[k] = model
-        lv, yv, mv, gv = evaluate(model, val, a)
-        sweep = {t: iou_fp_fn(confusion(mv, yv, gv, t, a.num_classes))[0] for t in TAUS}
-        tau = max(sweep, key=sweep.get)
-        lt, yt, mt, gt = evaluate(model, test, a)
-        miou, fp, fn = iou_fp_fn(confusion(mt, yt, gt, tau, a.num_classes))
-        best_test = max(iou_fp_fn(confusion(mt, yt, gt, t, a.num_classes))[0] for t in TAUS)
-        row = dict(variant=k, desc=VARIANTS[k]["desc"], mAP=mean_ap(lt, yt), mIoU=miou, tau=tau, FP=fp, FN=fn,
-                   mIoU_test_best_tau=best_test, train_s=secs, **{k2.replace("train/", "train_"): v for k2, v in logs.items()
-                                                                  if k2 in ("train/global", "train/dis", "train/div",
-                                                                            "train/attr_max_share")})
-        rows.append(row)
-        print(json.dumps({k2: (round(v, 3) if isinstance(v, float) else v) for k2, v in row.items()}), flush=True)
+    global _CTX
+    _CTX = (a, dm, val, test)
+    if a.jobs > 1:  # variants in parallel worker processes (fork: the generated data are shared)
+        import multiprocessing as mp
+
+        with mp.get_context("fork").Pool(min(a.jobs, len(keys))) as pool:
+            results = pool.map(run_variant, keys)
+    else:
+        results = [run_variant(k) for k in keys]
+    rows = [r for r, _ in results]
+    models = {r["variant"]: m for r, m in results}
     write_report(a, rows, models, test, time.time() - t_all)
+
+
+_CTX = None
+
+
+def run_variant(k):
+    a, dm, val, test = _CTX
+    torch.set_num_threads(a.threads)
+    model, secs, logs = train_variant(k, a, dm)
+    lv, yv, mv, gv = evaluate(model, val, a)
+    sweep = {t: iou_fp_fn(confusion(mv, yv, gv, t, a.num_classes))[0] for t in TAUS}
+    tau = max(sweep, key=sweep.get)
+    lt, yt, mt, gt = evaluate(model, test, a)
+    miou, fp, fn = iou_fp_fn(confusion(mt, yt, gt, tau, a.num_classes))
+    best_test = max(iou_fp_fn(confusion(mt, yt, gt, t, a.num_classes))[0] for t in TAUS)
+    row = dict(variant=k, desc=VARIANTS[k]["desc"], mAP=mean_ap(lt, yt), mIoU=miou, tau=tau, FP=fp, FN=fn,
+               mIoU_test_best_tau=best_test, train_s=secs, **{k2.replace("train/", "train_"): v for k2, v in logs.items()
+                                                              if k2 in ("train/global", "train/dis", "train/div",
+                                                                        "train/attr_max_share")})
+    print(json.dumps({k2: (round(v, 3) if isinstance(v, float) else v) for k2, v in row.items()}), flush=True)
+    return row, model
 
 
 def write_report(a, rows, models, test, total):
@@ -255,7 +275,7 @@ def write_report(a, rows, models, test, total):
         f"val {a.val_size} (τ selection) / test {a.test_size}. Model: timm `{a.backbone}` resized to embed_dim "
         f"{a.embed_dim}, {a.heads} heads, depth {a.depth}, patch {a.patch} ({a.image_size // a.patch}² tokens), "
         f"trained from scratch for {a.epochs} epochs (batch {a.batch_size}, AdamW lr {a.lr} / encoder {a.encoder_lr}, "
-        f"poly decay), two-view augmentation scale {tuple(a.aug_scale)} + flip + crop, EMA μ = {a.momentum}, "
+        f"poly decay, {a.warmup}-step warm-up), two-view augmentation scale {tuple(a.aug_scale)} + flip + crop, EMA μ = {a.momentum}, "
         f"S = {a.attributes}, c = {a.channels}, K = {a.fuse_layers}. Class maps: "
         f"{'multi-scale 0.5-2.0 + flip' if a.multiscale else 'single scale'}; pseudo masks restricted to the GT "
         "image labels, background plane τ chosen on val.", "",
