@@ -188,7 +188,8 @@ class AblationCAM(Explainer):
 
     ``y_k^c`` is the logit with channel k of the target layer replaced by ``ablation_value`` (0, spec
     decision 2), batched over (image, channel) pairs with a forward hook that substitutes the cached
-    activations; 2D and 3D.
+    activations; 2D and 3D. Backbone taps other than the last are side outputs of timm's feature
+    extractor, so for them the hook goes on the matching ``backbone.body`` stage module (same tensor).
     """
 
     name = "ablationcam"
@@ -198,6 +199,29 @@ class AblationCAM(Explainer):
         super().__init__(model, target_layers)
         self.batch_size, self.ablation_value = int(batch_size), float(ablation_value)
 
+    def _on_path(self, layer: nn.Module, a: Tensor, x: Tensor) -> nn.Module:
+        """The module whose output to replace: a backbone tap other than the last is a *side output* (the
+        body computes all stages first), so its stage module in ``backbone.body`` is used instead."""
+        bb = getattr(self.model, "backbone", None)
+        taps = list(getattr(bb, "taps", []))
+        idx = next((i for i, tp in enumerate(taps) if tp is layer), None)
+        if idx is None or idx == len(taps) - 1:
+            return layer
+        try:
+            stage = bb.body.get_submodule(bb.stage_names[idx])
+        except (AttributeError, IndexError):
+            stage = None
+        if stage is not None:
+            with capture_outputs([stage]) as cap:
+                self.model(x[:1])
+            out = cap.last()[0]
+            if torch.is_tensor(out) and out.shape == a[:1].shape and torch.allclose(out, a[:1], atol=1e-5,
+                                                                                     rtol=1e-4):
+                return stage
+        raise ValueError(f"ablationcam: backbone.taps[{idx}] is a side output that the classifier does not read and "
+                         "no backbone stage module produces the same map (ViT taps are reshaped tokens); ablate "
+                         "the last tap or pass target_layers=<a module on the path to the logits>.")
+
     @torch.no_grad()
     def explain(self, x: Tensor, targets: Tensor) -> Tensor:
         with capture_outputs(self.target_layers) as cap:
@@ -205,6 +229,7 @@ class AblationCAM(Explainer):
         y = gather_logit(logits, targets)
         maps = []
         for layer, a in zip(self.target_layers, cap.last()):
+            layer = self._on_path(layer, a, x)
             b, k = a.shape[:2]
             img_idx = torch.arange(b, device=x.device).repeat_interleave(k)
             ch_idx = torch.arange(k, device=x.device).repeat(b)
