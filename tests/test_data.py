@@ -65,6 +65,13 @@ def test_epoch_sampler_is_a_function_of_seed_and_epoch():
     s2 = EpochShuffleSampler(range(50), seed=1)
     s2.set_epoch(3)
     assert list(s2) == first and sorted(first) == list(range(50))
+    # same permutation as DistributedSampler: the union of the ranks' shares is the single-device order
+    shares = []
+    for r in range(2):
+        d = torch.utils.data.DistributedSampler(range(50), num_replicas=2, rank=r, shuffle=True, seed=1)
+        d.set_epoch(3)
+        shares.append(list(d))
+    assert sorted(shares[0][:5] + shares[1][:5]) == sorted(first[:10])
 
 
 def test_missing_real_datasets_say_how_to_get_them(tmp_path):
