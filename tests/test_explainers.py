@@ -322,7 +322,8 @@ def test_ham_stage_maps_and_max_fusion(r18, x64):
     h.remove()
     (g,) = torch.autograd.grad(y, feats[0])
     m4 = (g * feats[0]).mean(1).clamp(min=0)
-    m4 = (m4 - m4.flatten(1).min(1)[0][:, None, None]) / (m4.flatten(1).amax(1) - m4.flatten(1).amin(1) + 1e-7)[:, None, None]
+    lo, hi = m4.flatten(1).amin(1)[:, None, None], m4.flatten(1).amax(1)[:, None, None]
+    m4 = (m4 - lo) / (hi - lo + 1e-7)
     torch.testing.assert_close(maps[-1], m4, atol=1e-5, rtol=0)
     # fusion eq 3.18: upsample to 8x8, pixel-wise max, upsample to 64, normalise
     up = [torch.nn.functional.interpolate(m[:, None], size=(8, 8), mode="bilinear", align_corners=False)[:, 0]

@@ -68,7 +68,8 @@ class capture_outputs:
         def fn(module, inp, out):
             if not torch.is_tensor(out):
                 raise TypeError(f"target layer {type(module).__name__} returns {type(out).__name__}, not a tensor; "
-                                "choose a layer whose output is a (B, C, *spatial) feature map (e.g. backbone.taps[i]).")
+                                "choose a layer whose output is a (B, C, *spatial) feature map "
+                                "(e.g. backbone.taps[i]).")
             self.outputs[i].append(out)
         return fn
 
@@ -141,8 +142,9 @@ def postprocess_layer_maps(maps: Sequence[Tensor], size: Sequence[int], relu: bo
 
     Each raw map ``(B, *h_l)`` -> ReLU (optional) -> (bi/tri)linear upsample to ``size`` -> per-image
     min-max; then the mean over layers and a final min-max. With one layer this is ``n(up(ReLU(S)))``,
-    the same as pytorch-grad-cam's ``BaseCAM`` (its ``scale_cam_image`` min-max then resize, which is
-    equal because bilinear resizing commutes with affine rescaling).
+    the same as pytorch-grad-cam's ``BaseCAM``; with several layers the package min-maxes *before*
+    resizing, which differs slightly -- we follow the spec's order (docs/explainers.md, decision 2).
+    Each map is first divided by its max ``|.|`` (scale-free: eq 1.7's 1e-7 cannot shrink tiny maps).
     """
     per_layer = []
     for m in maps:
@@ -183,7 +185,8 @@ class Explainer:
     # ------------------------------------------------------------------------------------------
     def _check(self, images: Tensor) -> None:
         if not torch.is_tensor(images):
-            raise TypeError(f"{self.name}: images must be a torch.Tensor (B, C, *spatial), got {type(images).__name__}.")
+            raise TypeError(f"{self.name}: images must be a torch.Tensor (B, C, *spatial), "
+                            f"got {type(images).__name__}.")
         if images.dim() not in (4, 5):
             raise ValueError(f"{self.name}: images must be (B, C, H, W) or (B, C, D, H, W), got shape "
                              f"{tuple(images.shape)}. Add the batch/channel dimensions.")

@@ -22,7 +22,8 @@ gradient* ``g`` with relevance ``R = a * g`` at every tensor ``a`` (the gradient
   linear operations (residual adds, GAP by ``mean``, reshapes: relevance split in proportion to each
   input's contribution), passes relevance unchanged through ReLU, and winner-take-all through max-pool.
   Non-linear token mixing (attention, LayerNorm, GELU) also keeps its plain gradient: there the maps are
-  gradient x input, not strict LRP (conservation is only guaranteed for conv/BN/ReLU/pool/add nets).
+  gradient x input, not strict LRP (conservation is only guaranteed for conv/BN/ReLU/pool/add nets;
+  there it holds even with biases, since z+ leaves the bias terms out of the redistribution).
 
 The initial relevance at the logits is contrastive: ``R_t = y_t``, ``R_j = -y_t/(C-1)`` (CLRP, 2.5,
 Relevance-CAM default) or ``R_j = -y_t/C`` (XRelevance-CAM, seed 002 §4.3.1), or ``'logit'`` (only R_t).
@@ -54,7 +55,7 @@ def _stab(z: Tensor, eps: float) -> Tensor:
 
 
 def lrp_epsilon(layer: Callable[[Tensor], Tensor], x: Tensor, relevance: Tensor, eps: float = 1e-9) -> Tensor:
-    """Epsilon rule (seed 002 eq 2.3) for a layer ``z = layer(x)``: ``R_i = sum_j x_i w_ij/(z_j + eps sign z_j) R_j``."""
+    """Epsilon rule (seed 002 eq 2.3) for ``z = layer(x)``: ``R_i = sum_j x_i w_ij/(z_j + eps sign z_j) R_j``."""
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
         z = layer(x)
