@@ -167,14 +167,17 @@ class ScoreCAM(Explainer):
         for a in acts:
             a = a.float()
             b, k = a.shape[:2]
-            up = F.interpolate(a, size=size, mode=mode, align_corners=True).flatten(2)
-            lo, hi = up.min(-1, keepdim=True).values, up.max(-1, keepdim=True).values
-            masks = ((up - lo) / (hi - lo + 1e-8)).view(b * k, 1, *size)
             img_idx = torch.arange(b, device=x.device).repeat_interleave(k)
+            ch_idx = torch.arange(k, device=x.device).repeat(b)
             scores = torch.empty(b * k, device=x.device)
-            for s in range(0, b * k, self.batch_size):
+            for s in range(0, b * k, self.batch_size):  # masks built per chunk: memory O(batch_size * H * W)
                 sl = slice(s, s + self.batch_size)
-                logits = self.model(x[img_idx[sl]] * masks[sl])
+                up = F.interpolate(a[img_idx[sl], ch_idx[sl]].unsqueeze(1), size=size, mode=mode, align_corners=True)
+                flat = up.flatten(1)
+                lo, hi = flat.min(1).values, flat.max(1).values
+                shape = (-1,) + (1,) * (up.dim() - 1)
+                masks = (up - lo.view(shape)) / (hi - lo + 1e-8).view(shape)
+                logits = self.model(x[img_idx[sl]] * masks)
                 if self.score == "prob":
                     logits = logits.softmax(1)
                 scores[sl] = gather_logit(logits, targets[img_idx[sl]])
