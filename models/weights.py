@@ -96,16 +96,20 @@ def clean_state_dict(obj) -> Dict[str, Tensor]:
 
 def load_weights(model: nn.Module, source: Union[str, os.PathLike, Mapping[str, Tensor]],
                  allowed_missing: Iterable[str] = (), allowed_unexpected: Iterable[str] = (),
-                 verbose: bool = True) -> LoadReport:
+                 skip: Iterable[str] = (), verbose: bool = True) -> LoadReport:
     """Load ``source`` into ``model`` and report; fail unless the mismatch is allowed.
 
     Allowed without error: missing keys starting with ``model.mechanism_prefixes`` (the mechanism's
     own new parameters, e.g. loading a baseline into CA-Stream) or with ``allowed_missing``, and
-    unexpected keys starting with ``allowed_unexpected``.
+    unexpected keys starting with ``allowed_unexpected``. Keys starting with ``skip`` are not loaded
+    (e.g. ``skip=("fc.",)`` to fine-tune on new classes with a fresh head) and are reported as new.
     """
     sd = read_state_dict(source) if not isinstance(source, Mapping) else clean_state_dict(source)
+    skip = tuple(skip)
+    if skip:
+        sd = {k: v for k, v in sd.items() if not k.startswith(skip)}
     own = model.state_dict()
-    mech = tuple(getattr(model, "mechanism_prefixes", ())) + tuple(allowed_missing)
+    mech = tuple(getattr(model, "mechanism_prefixes", ())) + tuple(allowed_missing) + skip
     rep = LoadReport()
     for k in own:
         if k not in sd:
@@ -118,9 +122,9 @@ def load_weights(model: nn.Module, source: Union[str, os.PathLike, Mapping[str, 
         hint = ""
         if any(k.split(" ")[0].endswith(("fc.weight", "fc.bias", "head.weight", "head.bias"))
                for k in rep.shape_mismatch):
-            hint = (" The classifier has a different number of classes: to fine-tune on new classes, load "
-                    "the backbone only with create_model(..., backbone_weights=PATH) (or "
-                    "model.init_args.model_kwargs.backbone_weights in a config), which starts a new head.")
+            hint = (" The classifier has a different number of classes: to fine-tune on new classes, start a "
+                    "new head with `reset_head: true` next to `checkpoint_path` in the config (or "
+                    "load_weights(model, PATH, skip=('fc.',)) in Python).")
         raise WeightLoadError(f"Weights do not fit {type(model).__name__}: {rep}.{hint}")
     to_load = {k: v for k, v in sd.items() if k in own}
     model.load_state_dict(to_load, strict=False)

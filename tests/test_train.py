@@ -63,3 +63,14 @@ def test_eval_bad_inputs(tmp_path):
         eval_script.main(["--checkpoint", str(tmp_path / "junk.ckpt")])
     with pytest.raises(SystemExit, match="needs --model"):
         eval_script.main(["--weights", str(tmp_path / "w.safetensors")])
+
+
+@pytest.mark.parametrize("config", sorted(
+    os.path.relpath(os.path.join(d, f), ROOT) for d, _, fs in os.walk(os.path.join(ROOT, "configs"))
+    for f in fs if f.endswith(".yaml")))
+def test_every_config_parses(config, capsys):
+    """Every shipped YAML is a valid LightningCLI config (class paths, argument names and types)."""
+    with pytest.raises(SystemExit) as e:
+        train.main(["fit", "--config", os.path.join(ROOT, config), "--print_config"])
+    assert e.value.code in (0, None)
+    assert "class_path" in capsys.readouterr().out

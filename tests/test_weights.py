@@ -95,3 +95,15 @@ def test_missing_key_fails_and_mechanism_keys_are_allowed(tmp_path):
     target = models.create_model("baseline", num_classes=3)
     rep = load_weights(target, sd, allowed_missing=("fc.",))
     assert rep.new_mechanism_keys == ["fc.bias"]
+
+
+def test_reset_head_fine_tunes_on_new_classes(tmp_path):
+    from trainers.classification import ClassificationModule
+
+    m = models.create_model("baseline", num_classes=3)
+    save_weights(m, tmp_path / "m.safetensors")
+    with pytest.raises(WeightLoadError, match="reset_head: true"):
+        ClassificationModule(num_classes=5, checkpoint_path=str(tmp_path / "m.safetensors"))
+    mod = ClassificationModule(num_classes=5, checkpoint_path=str(tmp_path / "m.safetensors"), reset_head=True)
+    assert mod.model.fc.weight.shape == (5, 512)
+    assert torch.equal(mod.model.backbone.body.conv1.weight, m.backbone.body.conv1.weight)

@@ -110,6 +110,7 @@ class ClassificationModule(pl.LightningModule):
         checkpoint_path: weights to start from (zoo checkpoint, state dict or safetensors). Loading a
             plain baseline checkpoint into a mechanism is allowed (only the mechanism's keys start
             fresh; everything else must match, and every key is reported).
+        reset_head: with ``checkpoint_path``, do not load the classifier (``fc.*``): fine-tune on new classes.
         label_smoothing: for single-label cross-entropy.
     """
 
@@ -117,7 +118,8 @@ class ClassificationModule(pl.LightningModule):
                  multilabel: bool = False, in_chans: Optional[int] = None,
                  optimizer: Optional[Dict[str, Any]] = None, param_groups: Optional[List[Dict[str, Any]]] = None,
                  scheduler: Optional[Dict[str, Any]] = None, freeze: Optional[List[str]] = None,
-                 checkpoint_path: Optional[str] = None, label_smoothing: float = 0.0) -> None:
+                 checkpoint_path: Optional[str] = None, reset_head: bool = False,
+                 label_smoothing: float = 0.0) -> None:
         super().__init__()
         self.save_hyperparameters()
         kwargs = dict(model_kwargs or {})
@@ -125,7 +127,7 @@ class ClassificationModule(pl.LightningModule):
             kwargs.setdefault("in_chans", in_chans)
         self.model = create_model(model, num_classes=num_classes, **kwargs)
         if checkpoint_path:
-            load_weights(self.model, checkpoint_path)
+            load_weights(self.model, checkpoint_path, skip=("fc.",) if reset_head else ())
         self.num_classes, self.multilabel = num_classes, multilabel
         self.optimizer_cfg = dict(optimizer or {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05})
         self.param_groups_cfg = list(param_groups or [])
