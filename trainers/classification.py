@@ -243,19 +243,20 @@ class ClassificationModule(pl.LightningModule):
 
     # ---- optimisation ---------------------------------------------------------------------
     def configure_optimizers(self):
-        opt = build_optimizer(self.model, self.optimizer_cfg, self.param_groups_cfg)
+        return self.with_scheduler(build_optimizer(self.model, self.optimizer_cfg, self.param_groups_cfg))
+
+    def with_scheduler(self, opt: torch.optim.Optimizer):
+        """Attach the configured scheduler to ``opt`` (for subclasses that build their own optimiser)."""
         trainer = self._trainer
         max_epochs = trainer.max_epochs if trainer is not None and trainer.max_epochs and trainer.max_epochs > 0 else 1
         steps = 1
         if trainer is not None:
             try:
                 steps = math.ceil(trainer.estimated_stepping_batches / max_epochs)
-            except Exception:
+            except Exception:  # no dataloader attached yet (e.g. a bare module in a test)
                 steps = 1
         sched = build_scheduler(opt, self.scheduler_cfg, max_epochs, steps)
-        if sched is None:
-            return opt
-        return {"optimizer": opt, "lr_scheduler": sched}
+        return opt if sched is None else {"optimizer": opt, "lr_scheduler": sched}
 
 
 def _fully_frozen_modules(module: nn.Module) -> List[nn.Module]:
