@@ -404,3 +404,12 @@ def test_initial_relevance_totals():
     t = torch.tensor([0])
     assert torch.allclose(initial_relevance(y, t, "clrp"), torch.tensor([[2.0, -2 / 3, -2 / 3, -2 / 3]]))
     assert torch.allclose(initial_relevance(y, t, "xrelevance"), torch.tensor([[2.0, -0.5, -0.5, -0.5]]))
+
+
+def test_layernorm_rule_keeps_relevance_in_convnext():
+    """LayerNorm is scale-invariant, so the plain gradient would give sum R = 0 below it (ConvNeXt downsampling)."""
+    m = _model("test_convnext")
+    torch.manual_seed(6)
+    x, t = torch.rand(2, 3, 64, 64), torch.tensor([0, 1])
+    _, rels, _, r0 = layer_relevance(m, x, t, [m.backbone.taps[-2]], "logit")
+    torch.testing.assert_close(rels[0].flatten(1).sum(1), r0.sum(1), atol=1e-4, rtol=2e-2)

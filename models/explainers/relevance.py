@@ -21,9 +21,12 @@ gradient* ``g`` with relevance ``R = a * g`` at every tensor ``a`` (the gradient
 * everything else keeps its plain gradient, which *is* the epsilon rule with eps -> 0 for bias-free
   linear operations (residual adds, GAP by ``mean``, reshapes: relevance split in proportion to each
   input's contribution), passes relevance unchanged through ReLU, and winner-take-all through max-pool.
-  Non-linear token mixing (attention, LayerNorm, GELU) also keeps its plain gradient: there the maps are
-  gradient x input, not strict LRP (conservation is only guaranteed for conv/BN/ReLU/pool/add nets;
-  there it holds even with biases, since z+ leaves the bias terms out of the redistribution).
+* ``LayerNorm`` (incl. timm's ``LayerNorm2d``) is linearised with its standard deviation held constant
+  and gets the epsilon rule (the LN rule of LRP for transformers; the plain gradient would give zero
+  total relevance because LN is scale-invariant).
+  Attention products, GELU/SiLU and sigmoid gates keep their plain gradient: there the maps are
+  gradient x input, not strict LRP. Conservation is exact for conv/BN/ReLU/pool/add nets (even with
+  biases, since z+ leaves the bias terms out of the redistribution) and approximate otherwise.
 
 The initial relevance at the logits is contrastive: ``R_t = y_t``, ``R_j = -y_t/(C-1)`` (CLRP, 2.5,
 Relevance-CAM default) or ``R_j = -y_t/C`` (XRelevance-CAM, seed 002 §4.3.1), or ``'logit'`` (only R_t).
@@ -149,7 +152,29 @@ class LRP:
             elif isinstance(m, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
                                 nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)):
                 self._handles.append(m.register_forward_hook(self._avgpool))
+            elif isinstance(m, nn.LayerNorm):
+                self._handles.append(m.register_forward_hook(self._layernorm))
         return self
+
+    def _layernorm(self, module, inp, out):
+        """LayerNorm with its scale treated as a constant (the "LN rule" of LRP for transformers), then the
+        epsilon rule on that linear map: ``z = w (x - mean x) / std``, ``c = J^T (R / z)``. The plain gradient
+        would give zero total relevance (LN is scale-invariant, so ``sum x * dLN/dx = 0``)."""
+        x = inp[0]
+        if not (torch.is_tensor(x) and x.requires_grad):
+            return None
+        channels_first = type(module).__name__.endswith("2d")  # timm LayerNorm2d normalises dim 1
+        dims = (1,) if channels_first else tuple(range(-len(module.normalized_shape), 0))
+        eps, ln_eps = self.eps, module.eps
+        w = module.weight.detach() if module.weight is not None else None
+
+        def rule(xx, r):
+            std = torch.sqrt(xx.var(dim=dims, unbiased=False, keepdim=True) + ln_eps)
+            ww = 1.0 if w is None else (w.view(1, -1, *([1] * (xx.dim() - 2))) if channels_first else w)
+            z = ww * (xx - xx.mean(dim=dims, keepdim=True)) / std
+            v = ww * (r / _stab(z, eps)) / std
+            return v - v.mean(dim=dims, keepdim=True)
+        return _RuleFn.apply(x, out, rule)
 
     def __exit__(self, *exc):
         for h in self._handles:
