@@ -3,8 +3,8 @@
     python experiments/picnn.py                       # ResNet-18 + MobileNetV2, ~15 min on 2 quiet cores
     python experiments/picnn.py --backbones resnet18 --epochs 3 --train-size 600   # smoke run
     python experiments/picnn.py --gumbel              # + the Table 4 ablation (Gumbel-softmax, tau 0.01)
-    # split over two processes, then merge:
-    python experiments/picnn.py --backbones resnet18 & python experiments/picnn.py --backbones mobilenetv2_100
+    # split over processes, then merge (each run writes docs/results/picnn_run_<backbone>_<model>.json):
+    python experiments/picnn.py --backbones resnet18 --runs STD & python experiments/picnn.py --backbones resnet18 --runs PICNN
     python experiments/picnn.py --report-only
 
 For every backbone, two models with the same seed (so the same random initial P) are trained on the
@@ -18,7 +18,7 @@ selected on the validation split (``val/acc``), then the test split gives
   ``--draws`` seeded draws), ACC3 with the *true* class's cluster (label-based, official), and how far
   P moved from uniform (mean over filters of max_k P[k, i]; 1/K = uniform).
 
-Writes ``docs/results/picnn.md`` (+ ``picnn_rows_<backbone>.json``), the cluster CAM grids
+Writes ``docs/results/picnn.md`` (+ one ``picnn_run_<backbone>_<model>.json`` per trained model), the cluster CAM grids
 ``docs/results/picnn_cams_<backbone>.png`` (paper Fig. 7 a/b/c: CAM of all / cluster / complement
 filters; for GAP + linear this is exactly Grad-CAM on the target layer) and ``picnn_P_<backbone>.png``.
 """
@@ -46,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--backbones", default="resnet18,mobilenetv2_100", help="comma-separated timm names")
     p.add_argument("--num-classes", type=int, default=4)
     p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--train-size", type=int, default=1200)
+    p.add_argument("--train-size", type=int, default=1000)
     p.add_argument("--val-size", type=int, default=200)
     p.add_argument("--test-size", type=int, default=400)
     p.add_argument("--epochs", type=int, default=4)
@@ -62,8 +62,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="docs/results")
+    p.add_argument("--runs", default="STD,PICNN", help="which models to train per backbone (STD,PICNN,PICNN-Gumbel)")
+    p.add_argument("--workdir", default="checkpoints/picnn_experiment", help="trained weights (for the pictures)")
     p.add_argument("--report-only", action="store_true",
-                   help="only rebuild docs/results/picnn.md from the picnn_rows_<backbone>.json files in --out")
+                   help="only rebuild docs/results/picnn.md (+ PNGs) from the picnn_run_*.json files in --out")
     return p.parse_args(argv)
 
 
@@ -170,8 +172,8 @@ def write_report(rows, pics, args, cmd, wall):
             ("p_max_mean", "mean max_k P"), ("val_acc", "val ACC1 (selection)"), ("best_epoch", "best epoch"),
             ("train_s", "train s")]
     lines = ["# PICNN: paper Table 1 on the embedded benchmark", "",
-             f"Command(s): {cmd} (summed wall time {wall / 60:.1f} min, {args.threads} threads per process; "
-             "`python experiments/picnn.py` runs both backbones in one process).", "",
+             f"Command(s): {cmd} (summed wall time of the runs {wall / 60:.1f} min, {args.threads} threads per "
+             "process; `python experiments/picnn.py` runs everything in one process).", "",
              f"Synthetic shapes, K = {args.num_classes} classes, {args.image_size} px, train {args.train_size} / "
              f"val {args.val_size} / test {args.test_size} images, {args.epochs} epochs, Adam lr {args.lr} "
              f"(P lr {args.p_lr or args.lr}), wd 1e-4, cosine, batch {args.batch_size}, backbones from scratch "
@@ -224,67 +226,87 @@ def write_report(rows, pics, args, cmd, wall):
     return path
 
 
-def collect_rows(out_dir, backbones=None):
-    """Rows of every ``picnn_rows_<backbone>.json`` in ``out_dir`` (written per backbone, so runs can be split
-    over processes: ``--backbones resnet18`` and ``--backbones mobilenetv2_100`` then ``--report-only``)."""
+def _dm(args):
+    from trainers.data import SyntheticShapesDataModule
+
+    dm = SyntheticShapesDataModule(num_classes=args.num_classes, image_size=args.image_size,
+                                   train_size=args.train_size, val_size=args.val_size, test_size=args.test_size,
+                                   batch_size=args.batch_size, seed=args.seed)
+    dm.setup("test")
+    return dm
+
+
+def collect_runs(out_dir):
+    """Every ``picnn_run_<backbone>_<model>.json`` in ``out_dir`` (one per trained model; runs can be split
+    over processes with ``--backbones``/``--runs`` and merged with ``--report-only``)."""
     import glob
 
-    rows, pics, meta = [], {}, {}
-    for f in sorted(glob.glob(os.path.join(out_dir, "picnn_rows_*.json"))):
+    runs = []
+    for f in sorted(glob.glob(os.path.join(out_dir, "picnn_run_*.json"))):
         with open(f) as fh:
-            d = json.load(fh)
-        if backbones and d["backbone"] not in backbones:
-            continue
-        rows += d["rows"]
-        pics[d["backbone"]] = tuple(d["pictures"])
-        meta[d["backbone"]] = d
-    return rows, pics, meta
+            runs.append(json.load(fh))
+    order = {"STD": 0, "PICNN": 1, "PICNN-Gumbel": 2}
+    runs.sort(key=lambda r: (r["row"]["backbone"], order.get(r["row"]["model"], 9)))
+    return runs
 
 
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
-    from trainers.data import SyntheticShapesDataModule
+    os.makedirs(args.workdir, exist_ok=True)
+    from models import create_model, load_weights, save_weights
 
-    t_start = time.perf_counter()
     backbones = [b for b in args.backbones.split(",") if b]
+    wanted = [r for r in args.runs.split(",") if r]
+    specs = {"STD": (0.0, "bernoulli"), "PICNN": (args.lambda_int, "bernoulli"),
+             "PICNN-Gumbel": (args.lambda_int, "gumbel")}
+    if args.gumbel and "PICNN-Gumbel" not in wanted:
+        wanted.append("PICNN-Gumbel")
+    dm = None
     if not args.report_only:
-        dm = SyntheticShapesDataModule(num_classes=args.num_classes, image_size=args.image_size,
-                                       train_size=args.train_size, val_size=args.val_size,
-                                       test_size=args.test_size, batch_size=args.batch_size, seed=args.seed)
+        dm = _dm(args)
         dm.setup("fit")
-        dm.setup("test")
-        for i, bb in enumerate(backbones):
-            runs = [("STD", 0.0, "bernoulli"), ("PICNN", args.lambda_int, "bernoulli")]
-            if args.gumbel and i == 0:
-                runs.append(("PICNN-Gumbel", args.lambda_int, "gumbel"))
-            models_by_name, rows = {}, []
-            t_bb = time.perf_counter()
-            for name, lam, sampler in runs:
+        for bb in backbones:
+            for name in wanted:
+                lam, sampler = specs[name]
                 print(f"[picnn] training {bb} {name} (lambda={lam}, sampler={sampler})", flush=True)
+                t0 = time.perf_counter()
                 model, info = train_one(args, dm, bb, lam, sampler)
                 res = evaluate(model, dm, args)
                 row = {"backbone": bb, "model": name, **info, **res}
                 print("[picnn] " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                                              for k, v in row.items()), flush=True)
-                rows.append(row)
-                if name in ("STD", "PICNN"):
-                    models_by_name[name] = model
-            pics = save_pictures(models_by_name, dm, bb, args)
-            with open(os.path.join(args.out, f"picnn_rows_{bb}.json"), "w") as f:
-                json.dump({"backbone": bb, "rows": rows, "pictures": pics, "args": vars(args),
-                           "wall_s": time.perf_counter() - t_bb,
-                           "command": "python experiments/picnn.py " + " ".join(sys.argv[1:] if argv is None
-                                                                                  else argv)}, f, indent=1)
-    rows, pics, meta = collect_rows(args.out)
-    if meta:  # describe the runs with their own settings
-        args = argparse.Namespace(**{**vars(args), **next(iter(meta.values()))["args"], "out": args.out})
-    cmds = sorted({m["command"].strip() for m in meta.values()})
-    wall = sum(m["wall_s"] for m in meta.values())
-    path = write_report(rows, pics, args, " ; ".join(f"`{c}`" for c in cmds) if cmds else "-", wall)
+                wpath = os.path.join(args.workdir, f"picnn_{bb}_{name}.safetensors")
+                save_weights(model, wpath)
+                cmd = "python experiments/picnn.py " + " ".join(sys.argv[1:] if argv is None else argv)
+                with open(os.path.join(args.out, f"picnn_run_{bb}_{name}.json"), "w") as f:
+                    json.dump({"row": row, "weights": wpath, "args": vars(args), "wall_s": time.perf_counter() - t0,
+                               "command": cmd.strip(), "model_kwargs": {"backbone": bb, "sampler": sampler}},
+                              f, indent=1)
+    runs = collect_runs(args.out)
+    if not runs:
+        raise SystemExit(f"no picnn_run_*.json in {args.out}: train first (python experiments/picnn.py).")
+    rargs = argparse.Namespace(**{**vars(args), **runs[0]["args"], "out": args.out})
+    pics = {}
+    by_bb = {}
+    for r in runs:
+        by_bb.setdefault(r["row"]["backbone"], {})[r["row"]["model"]] = r
+    for bb, d in by_bb.items():
+        if not ("STD" in d and "PICNN" in d and all(os.path.isfile(d[k]["weights"]) for k in ("STD", "PICNN"))):
+            continue
+        dm = dm or _dm(rargs)
+        models_by_name = {}
+        for name in ("STD", "PICNN"):
+            m = create_model("picnn", num_classes=rargs.num_classes, **d[name]["model_kwargs"])
+            load_weights(m, d[name]["weights"], verbose=False)
+            models_by_name[name] = m.eval()
+        pics[bb] = save_pictures(models_by_name, dm, bb, rargs)
+    cmds = sorted({r["command"] for r in runs})
+    wall = sum(r["wall_s"] for r in runs)
+    path = write_report([r["row"] for r in runs], pics, rargs, " ; ".join(f"`{c}`" for c in cmds), wall)
     print(f"[picnn] wrote {path}")
-    return rows
+    return runs
 
 
 if __name__ == "__main__":
