@@ -45,17 +45,19 @@ def parse():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", default="a,b,c,d,e")
     p.add_argument("--with-baseline", action="store_true", help="also train the zoo baseline ViT (a0)")
-    p.add_argument("--num-classes", type=int, default=6)
+    p.add_argument("--num-classes", type=int, default=4)
+    p.add_argument("--num-distractors", type=int, default=1)
+    p.add_argument("--max-objects", type=int, default=2)
     p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--train-size", type=int, default=2000)
+    p.add_argument("--train-size", type=int, default=1200)
     p.add_argument("--val-size", type=int, default=100)
     p.add_argument("--test-size", type=int, default=200)
-    p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--backbone", default="deit_tiny_patch16_224")
-    p.add_argument("--embed-dim", type=int, default=96)
-    p.add_argument("--heads", type=int, default=3)
-    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--embed-dim", type=int, default=64)
+    p.add_argument("--heads", type=int, default=2)
+    p.add_argument("--depth", type=int, default=3)
     p.add_argument("--patch", type=int, default=8)
     p.add_argument("--attributes", type=int, default=8)
     p.add_argument("--channels", type=int, default=64)
@@ -69,7 +71,7 @@ def parse():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1 is much faster than 2 on a shared, oversubscribed machine)")
-    p.add_argument("--jobs", type=int, default=1, help="train variants in parallel processes")
+    p.add_argument("--jobs", type=int, default=5, help="train variants in parallel processes")
     p.add_argument("--warmup", type=int, default=30, help="linear lr warm-up steps")
     p.add_argument("--out", default="docs/results/exvit.md")
     return p.parse_args()
@@ -219,9 +221,11 @@ def main():
     t_all = time.time()
     dm = SyntheticShapesDataModule(num_classes=a.num_classes, image_size=a.image_size, train_size=a.train_size,
                                    val_size=a.val_size, test_size=a.test_size, multilabel=True, augment=False,
+                                   num_distractors=a.num_distractors, max_objects=a.max_objects,
                                    batch_size=a.batch_size, seed=a.seed)
     dm.setup("fit")
-    kw = dict(num_classes=a.num_classes, image_size=a.image_size, multilabel=True, seed=a.seed)
+    kw = dict(num_classes=a.num_classes, image_size=a.image_size, multilabel=True, seed=a.seed,
+              num_distractors=a.num_distractors, max_objects=a.max_objects)
     val, test = SyntheticShapes("val", a.val_size, **kw), SyntheticShapes("test", a.test_size, **kw)
     print(f"data ready in {time.time() - t_all:.0f}s", flush=True)
     global _CTX
@@ -271,7 +275,8 @@ def write_report(a, rows, models, test, total):
     lines = [
         "# eX-ViT ablation on the embedded multi-label benchmark (seed 000, Tables 4.5-4.6)", "",
         f"Command: `{cmd.strip()}` ({total / 60:.1f} min on this machine).", "",
-        f"Data: SyntheticShapes multi-label, {a.num_classes} classes, {a.image_size} px, train {a.train_size} / "
+        f"Data: SyntheticShapes multi-label, {a.num_classes} classes, 1-{a.max_objects} objects and "
+        f"{a.num_distractors} distractor(s) per image, {a.image_size} px, train {a.train_size} / "
         f"val {a.val_size} (τ selection) / test {a.test_size}. Model: timm `{a.backbone}` resized to embed_dim "
         f"{a.embed_dim}, {a.heads} heads, depth {a.depth}, patch {a.patch} ({a.image_size // a.patch}² tokens), "
         f"trained from scratch for {a.epochs} epochs (batch {a.batch_size}, AdamW lr {a.lr} / encoder {a.encoder_lr}, "
