@@ -91,8 +91,14 @@ def load_model_and_data(args) -> tuple:
         if dm is None:
             raise SystemExit("error: the checkpoint does not record its DataModule; pass --data-config CONFIG.yaml.")
         return model, dm, args.checkpoint
+    card_path = os.path.join(os.path.dirname(os.path.abspath(args.weights)), "model.json")
+    if not args.model and os.path.isfile(card_path):  # written by export.py
+        with open(card_path) as f:
+            card = json.load(f)
+        args.model, args.model_kwargs = card["model"], json.dumps(card["kwargs"])
     if not args.model:
-        raise SystemExit(f"error: --weights needs --model (one of: {', '.join(models.list_models())}).")
+        raise SystemExit(f"error: --weights needs --model (one of: {', '.join(models.list_models())}) "
+                         "or a model.json next to the weights (export.py writes one).")
     if not args.data_config:
         raise SystemExit("error: --weights needs --data-config CONFIG.yaml (its data: section names the dataset).")
     dm = _datamodule_from_yaml(args.data_config, **overrides)

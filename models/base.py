@@ -43,14 +43,18 @@ def upsample_to(maps: Tensor, size: Sequence[int]) -> Tensor:
 def normalize_saliency(maps: Tensor, size: Optional[Sequence[int]] = None, eps: float = 1e-7) -> Tensor:
     """Per-image min-max normalisation to [0, 1] (seed 001 eq. 1.7), optionally resized first.
 
-    ``maps``: ``(B, *spatial)``; returns ``(B, *size)``.
+    ``maps``: ``(B, *spatial)``; returns ``(B, *size)``. A (numerically) constant map -- range below
+    ``1e-5`` of its magnitude, e.g. a 1x1 feature map upsampled -- becomes all zeros instead of
+    amplified rounding noise.
     """
     if size is not None:
         maps = upsample_to(maps.unsqueeze(1), size).squeeze(1)
     flat = maps.flatten(1)
     lo = flat.min(dim=1, keepdim=True).values
     hi = flat.max(dim=1, keepdim=True).values
-    flat = (flat - lo) / (hi - lo + eps)
+    rng = hi - lo
+    flat = torch.where(rng > 1e-5 * torch.maximum(hi.abs(), lo.abs()), (flat - lo) / (rng + eps),
+                       torch.zeros_like(flat))
     return flat.view_as(maps)
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import eval as eval_script
+import export as export_script
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,6 +47,13 @@ def test_fit_resume_is_exact_and_eval(tmp_path, capsys):
     saved = json.load(open(tmp_path / "ev" / "metrics_test.json"))
     assert saved["accuracy"]["num_images"] == 16 and 0 <= saved["accuracy"]["top1"] <= 1
     assert res["accuracy"]["top1"] == saved["accuracy"]["top1"]
+
+    # export with the explanation, then evaluate the exported weights through their model card
+    rep = export_script.main(["--checkpoint", str(ckpts / "best.ckpt"), "--out", str(tmp_path / "exp")])
+    assert rep["logits_max_abs_diff"] < 1e-4 and rep["saliency_max_abs_diff"] < 1e-4
+    res2 = eval_script.main(["--weights", str(tmp_path / "exp" / "model.safetensors"), "--data-config", CONFIG,
+                             "--out", str(tmp_path / "ev2"), "--limit-batches", "1"])
+    assert res2["accuracy"]["num_images"] > 0
 
 
 def test_print_config_and_overrides(capsys):
