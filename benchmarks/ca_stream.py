@@ -101,6 +101,14 @@ def main(argv=None):
         args.train_repeats, warmup=1)
 
     n_stream = ca.stream_parameter_count()
+    from torch.utils.flop_counter import FlopCounterMode
+
+    flops = []
+    for m in (gap, ca):
+        with FlopCounterMode(display=False) as fc:
+            m(x[:1])
+        flops.append(fc.get_total_flops())
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     rows = [
         ("inference: GAP model (plain backbone)", t_gap, 1.0),
         ("inference: CA-Stream model", t_ca, t_ca / t_gap),
@@ -112,8 +120,11 @@ def main(argv=None):
             f"classes, {args.threads} CPU threads ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})")
     lines = [head, "", f"Command: `python benchmarks/ca_stream.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
              .replace(" `", " `").rstrip(), "",
-             f"Stream parameters: {n_stream:,}. Medians of {args.repeats} (inference) / {args.train_repeats} "
-             "(training) interleaved runs.", "",
+             f"Stream parameters: {n_stream:,}. FLOPs per image (2 x MACs, torch FlopCounterMode): GAP "
+             f"{flops[0] / 1e9:.3f} G, CA {flops[1] / 1e9:.3f} G (ratio {flops[1] / flops[0]:.4f}). Medians of "
+             f"{args.repeats} (inference) / {args.train_repeats} (training) interleaved runs; machine load average "
+             f"{load:.1f} on {os.cpu_count()} cores during the run (timings are noisy when the load exceeds the cores).",
+             "",
              "| Measurement | ms / batch | ratio |", "|---|---|---|"]
     lines += [f"| {name} | {1e3 * t:.1f} | {r:.3f} |" for name, t, r in rows]
     overhead = 100 * (t_ca / t_gap - 1)
