@@ -59,6 +59,7 @@ def parse():
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--depth", type=int, default=3)
     p.add_argument("--patch", type=int, default=8)
+    p.add_argument("--backbone-weights", default=None, help="local pretrained ViT weights (safetensors/state dict)")
     p.add_argument("--attributes", type=int, default=8)
     p.add_argument("--channels", type=int, default=64)
     p.add_argument("--fuse-layers", type=int, default=3)
@@ -78,7 +79,7 @@ def parse():
 
 
 def model_kwargs(a):
-    return dict(backbone=a.backbone, drop_path_rate=0.1, num_attributes=a.attributes, attr_channels=a.channels,
+    return dict(backbone=a.backbone, backbone_weights=a.backbone_weights, drop_path_rate=0.1, num_attributes=a.attributes, attr_channels=a.channels,
                 attr_hidden=a.embed_dim * 2, fuse_layers=a.fuse_layers,
                 backbone_kwargs=dict(img_size=a.image_size, patch_size=a.patch, embed_dim=a.embed_dim,
                                      num_heads=a.heads, depth=a.depth))
@@ -96,7 +97,8 @@ def train_variant(key, a, dm):
     if v.get("baseline"):
         mk = model_kwargs(a)
         bk = dict(mk["backbone_kwargs"], drop_path_rate=0.1)
-        module = ClassificationModule(model="baseline", model_kwargs=dict(backbone=a.backbone, backbone_kwargs=bk),
+        module = ClassificationModule(model="baseline", model_kwargs=dict(backbone=a.backbone, backbone_kwargs=bk,
+                                                                          backbone_weights=a.backbone_weights),
                                       optimizer={"name": "adamw", "lr": a.lr, "weight_decay": 0.01},
                                       scheduler={"name": "poly", "power": 0.9, "interval": "step", "warmup": a.warmup},
                                       **common)
