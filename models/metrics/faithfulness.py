@@ -30,7 +30,7 @@ from torchmetrics import Metric
 __all__ = [
     "class_scores", "masked_images", "check_saliency", "confidence_change", "AverageDrop", "AverageIncrease",
     "AverageGain", "gaussian_blur", "perturbation_curves", "curve_auc", "InsertionAUC", "DeletionAUC",
-    "default_steps",
+    "default_steps", "saliency_ranks",
 ]
 
 ScoreName = str  # "softmax" | "sigmoid" | "logit"
