@@ -179,6 +179,7 @@ def main(argv=None):
     ap.add_argument("--lam", type=float, default=None, help="override lambda (default: 7.5e-3 ResNet-18, 1e-3 MobileNet-V2)")
     ap.add_argument("--extra-lams", default="", help="additional cosine lambdas for the first backbone, e.g. '1.0'")
     ap.add_argument("--fraction", type=float, default=1.0)
+    ap.add_argument("--cams", default=",".join(CAMS), help="CAM methods of Table 4.1 (Table 4.2 uses gradcam)")
     ap.add_argument("--skip-baseline", action="store_true", help="only the regularised runs (to split the work "
                     "over processes; the baseline is identical across them)")
     ap.add_argument("--num-classes", type=int, default=6)
@@ -218,7 +219,8 @@ def main(argv=None):
         models_[key] = model
         acc = accuracy(model, test_loader)
         align = gradient_alignment(model, test_loader, min(args.eval_images, 100))
-        cams = CAMS if (err == "-" or (err == "cosine" and lam == lam_of[bb])) else ("gradcam",)
+        full = tuple(c for c in args.cams.split(",") if c)
+        cams = full if (err == "-" or (err == "cosine" and lam == lam_of[bb])) else ("gradcam",)
         res, layer = evaluate_cams(model, test_loader, cams, args, examples=6 if len(cams) > 1 else 0)
         results[key] = {"backbone": bb, "error": err, "lam": lam, "acc": acc, "train_s": secs, "cos_align": align,
                         "layer": layer, "cams": {k: {m: float(v[m]) for m in ("ad", "ag", "ai", "ins", "del")}
