@@ -116,14 +116,16 @@ class SyntheticShapesDataModule(ZooDataModule):
         multilabel: several objects per image, multi-hot labels (for multi-label / WSSS).
         max_objects: objects per image in multi-label mode.
         num_distractors: bars/arcs of no class per image.
+        object_scale: ``[min, max]`` object radius as a fraction of the image side (default 0.12-0.24;
+            0.10-0.18 in multi-label mode). Larger objects make the task easier at small image sizes.
         augment: random horizontal flips for training.
         seed: the benchmark's seed (data are a pure function of it).
     """
 
     def __init__(self, num_classes: int = 6, image_size: int = 64, train_size: int = 3000, val_size: int = 600,
                  test_size: int = 600, multilabel: bool = False, max_objects: int = 3, num_distractors: int = 3,
-                 augment: bool = True, seed: int = 0, batch_size: int = 64, num_workers: int = 0,
-                 eval_batch_size: Optional[int] = None) -> None:
+                 object_scale: Optional[List[float]] = None, augment: bool = True, seed: int = 0,
+                 batch_size: int = 64, num_workers: int = 0, eval_batch_size: Optional[int] = None) -> None:
         super().__init__(batch_size, num_workers, eval_batch_size)
         self.save_hyperparameters()
         if not 2 <= num_classes <= len(SHAPES_2D):
@@ -131,7 +133,7 @@ class SyntheticShapesDataModule(ZooDataModule):
         self.num_classes, self.multilabel, self.in_chans, self.spatial_dims = num_classes, multilabel, 3, 2
         self.class_names = list(SHAPES_2D[:num_classes])
         self.kw = dict(num_classes=num_classes, image_size=image_size, multilabel=multilabel, max_objects=max_objects,
-                       num_distractors=num_distractors, seed=seed)
+                       num_distractors=num_distractors, seed=seed, object_scale=object_scale)
         self.sizes = dict(train=train_size, val=val_size, test=test_size)
         self.augment, self.seed = augment, seed
 

@@ -239,19 +239,23 @@ class SyntheticShapes(_SyntheticBase):
     box_width = 5
 
     def __init__(self, split: str = "train", size: int = 1000, num_classes: int = 6, image_size: int = 64,
-                 multilabel: bool = False, max_objects: int = 3, num_distractors: int = 3, seed: int = 0) -> None:
+                 multilabel: bool = False, max_objects: int = 3, num_distractors: int = 3, seed: int = 0,
+                 object_scale: Optional[Sequence[float]] = None) -> None:
         if not 2 <= num_classes <= len(SHAPES_2D):
             raise ValueError(f"num_classes must be in [2, {len(SHAPES_2D)}] for the shapes benchmark "
                              f"(shapes: {', '.join(SHAPES_2D)}), got {num_classes}.")
         if not 32 <= image_size <= 224:
             raise ValueError(f"image_size must be in [32, 224], got {image_size}.")
         self.num_distractors = num_distractors
+        # object radius as a fraction of the image side (default 0.12-0.24, 0.10-0.18 in multi-label mode)
+        self.object_scale = tuple(object_scale) if object_scale else ((0.1, 0.18) if multilabel else (0.12, 0.24))
+        if not (len(self.object_scale) == 2 and 0 < self.object_scale[0] <= self.object_scale[1] <= 0.45):
+            raise ValueError(f"object_scale must be [min, max] with 0 < min <= max <= 0.45, got {object_scale}.")
         self.class_names = list(SHAPES_2D[:num_classes])
         super().__init__(split, size, num_classes, image_size, multilabel, max_objects, seed)
 
     def _render(self, rng, classes):
-        scale = (0.12, 0.24) if not self.multilabel else (0.1, 0.18)
-        return render_shapes(rng, self.image_size, classes, self.num_distractors, scale)
+        return render_shapes(rng, self.image_size, classes, self.num_distractors, self.object_scale)
 
 
 class SyntheticVolumes(_SyntheticBase):
