@@ -15,9 +15,8 @@ BatchNorm (no SyncBatchNorm) and do not ``torch.compile`` (no double backward).
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict
 
-import torch
 from torch import Tensor
 
 from models.guided_gradients import check_guided_compatible, get_error_function, guided_gradient_loss
