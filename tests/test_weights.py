@@ -56,7 +56,7 @@ def test_zoo_roundtrip_and_class_mismatch(tmp_path):
     m2 = models.create_model("baseline", num_classes=3, checkpoint_path=str(tmp_path / "m.safetensors"))
     for (k, a), b in zip(m.state_dict().items(), m2.state_dict().values()):
         assert torch.equal(a, b), k
-    with pytest.raises(WeightLoadError, match="different number of classes.*backbone_weights"):
+    with pytest.raises(WeightLoadError, match="different number of classes.*reset_head: true"):
         models.create_model("baseline", num_classes=5, checkpoint_path=str(tmp_path / "m.safetensors"))
 
 
