@@ -24,7 +24,6 @@ per batch) also keeps it correct under gradient accumulation.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -33,7 +32,7 @@ from torch import Tensor
 
 from models.exvit import ExViT, discriminability_loss, ema_update_, momentum_copy
 
-from .classification import ClassificationModule, build_scheduler
+from .classification import ClassificationModule
 
 __all__ = ["ExViTModule", "two_views", "random_scale_crop_flip", "exvit_param_groups"]
 
@@ -222,14 +221,4 @@ class ExViTModule(ClassificationModule):
         lr, wd = float(cfg.pop("lr", 5e-4)), float(cfg.pop("weight_decay", 0.01))
         cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[name]
         groups = exvit_param_groups(self.model, self.encoder_lr, lr, wd)
-        opt = cls(groups, lr=lr, **cfg)
-        trainer = self._trainer
-        max_epochs = trainer.max_epochs if trainer is not None and trainer.max_epochs and trainer.max_epochs > 0 else 1
-        steps = 1
-        if trainer is not None:
-            try:
-                steps = math.ceil(trainer.estimated_stepping_batches / max_epochs)
-            except Exception:
-                steps = 1
-        sched = build_scheduler(opt, self.scheduler_cfg, max_epochs, steps)
-        return opt if sched is None else {"optimizer": opt, "lr_scheduler": sched}
+        return self.with_scheduler(cls(groups, lr=lr, **cfg))
