@@ -106,7 +106,22 @@ class ZooDataModule(pl.LightningDataModule):
         return self.test_dataloader()
 
 
-class SyntheticShapesDataModule(ZooDataModule):
+class _SyntheticDataModule(ZooDataModule):
+    """Builds the three splits of a procedural dataset (``dataset_cls``) with the same generator kwargs."""
+
+    dataset_cls: type = SyntheticShapes
+    kw: Dict[str, Any]
+    sizes: Dict[str, int]
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if stage in (None, "fit", "validate") and self.val_set is None:
+            self.train_set = self.dataset_cls("train", self.sizes["train"], **self.kw)
+            self.val_set = self.dataset_cls("val", self.sizes["val"], **self.kw)
+        if stage in (None, "test", "predict") and self.test_set is None:
+            self.test_set = self.dataset_cls("test", self.sizes["test"], **self.kw)
+
+
+class SyntheticShapesDataModule(_SyntheticDataModule):
     """The embedded 2D benchmark (``trainers/data/synthetic.py``), single- or multi-label.
 
     Args:
@@ -137,16 +152,12 @@ class SyntheticShapesDataModule(ZooDataModule):
         self.sizes = dict(train=train_size, val=val_size, test=test_size)
         self.augment, self.seed = augment, seed
 
-    def setup(self, stage: Optional[str] = None) -> None:
-        if stage in (None, "fit", "validate") and self.val_set is None:
-            self.train_set = SyntheticShapes("train", self.sizes["train"], **self.kw)
-            self.val_set = SyntheticShapes("val", self.sizes["val"], **self.kw)
-        if stage in (None, "test", "predict") and self.test_set is None:
-            self.test_set = SyntheticShapes("test", self.sizes["test"], **self.kw)
 
 
-class SyntheticVolumesDataModule(ZooDataModule):
+class SyntheticVolumesDataModule(_SyntheticDataModule):
     """The embedded 3D benchmark: one-channel volumes with class-defined structures."""
+
+    dataset_cls = SyntheticVolumes
 
     def __init__(self, num_classes: int = 4, image_size: int = 32, train_size: int = 400, val_size: int = 100,
                  test_size: int = 100, multilabel: bool = False, max_objects: int = 2, augment: bool = True,
@@ -162,12 +173,6 @@ class SyntheticVolumesDataModule(ZooDataModule):
         self.sizes = dict(train=train_size, val=val_size, test=test_size)
         self.augment, self.seed = augment, seed
 
-    def setup(self, stage: Optional[str] = None) -> None:
-        if stage in (None, "fit", "validate") and self.val_set is None:
-            self.train_set = SyntheticVolumes("train", self.sizes["train"], **self.kw)
-            self.val_set = SyntheticVolumes("val", self.sizes["val"], **self.kw)
-        if stage in (None, "test", "predict") and self.test_set is None:
-            self.test_set = SyntheticVolumes("test", self.sizes["test"], **self.kw)
 
 
 # ---------------------------------------------------------------------------------------------
