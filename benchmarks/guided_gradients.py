@@ -9,7 +9,9 @@ Modes (all: forward + loss + backward + SGD step on the same model, batch and im
 * ``paper (separate)`` the thesis's scheme: a separate guided teacher forward + backward, then a forward with
   the create_graph backward and the double backward (``strategy="separate"``);
 * ``shared``           one forward for teacher and student (``strategy="shared"``, the default);
-* ``shared, fraction`` L_R estimated on a random ``fraction`` of the batch (sub-batch forward).
+* ``shared, fraction`` L_R estimated on a random ``fraction`` of the batch (sub-batch forward);
+* ``shared, every=k``  L_R on every k-th step with weight k*lambda (``step_lambda``); the time of a round of
+  k consecutive steps divided by k (the average step cost during training).
 
 The modes are interleaved round-robin (the machine is shared) and the median step time is reported.
 Writes/updates ``docs/results/guided_gradients_benchmark.md``.
@@ -27,7 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from models import create_model  # noqa: E402
-from models.guided_gradients import guided_gradient_loss  # noqa: E402
+from models.guided_gradients import guided_gradient_loss, step_lambda  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -38,6 +40,7 @@ def main(argv=None) -> None:
     ap.add_argument("--classes", type=int, default=100)
     ap.add_argument("--steps", type=int, default=10, help="timed steps per mode (after 2 warm-up steps)")
     ap.add_argument("--fractions", default="0.25,0.5")
+    ap.add_argument("--every", default="2,4", help="k of the every-k-th-step option")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     ap.add_argument("--out", default="docs/results/guided_gradients_benchmark.md")
     args = ap.parse_args(argv)
@@ -54,14 +57,19 @@ def main(argv=None) -> None:
              "shared forward (ours, full batch)": dict(lam=7.5e-3)}
     for f in fractions:
         modes[f"shared, fraction={f:g}"] = dict(lam=7.5e-3, fraction=f)
+    for k in (int(e) for e in args.every.split(",") if e):
+        modes[f"shared, every={k} steps"] = dict(lam=7.5e-3, every=k)
 
     def step(kw):
-        opt.zero_grad(set_to_none=True)
+        kw = dict(kw)
+        every = kw.pop("every", 1)
         t0 = time.perf_counter()
-        out = guided_gradient_loss(model, x, y, **kw)
-        out["loss"].backward()
-        opt.step()
-        return time.perf_counter() - t0
+        for s in range(every):  # one round of `every` steps (the first one regularised), mean time per step
+            opt.zero_grad(set_to_none=True)
+            out = guided_gradient_loss(model, x, y, **{**kw, "lam": step_lambda(kw["lam"], every, s)})
+            out["loss"].backward()
+            opt.step()
+        return (time.perf_counter() - t0) / every
 
     times = {m: [] for m in modes}
     for m, kw in modes.items():  # warm-up

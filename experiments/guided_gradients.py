@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from models import create_model  # noqa: E402
-from models.guided_gradients import guided_gradient_loss  # noqa: E402
+from models.guided_gradients import guided_gradient_loss, step_lambda  # noqa: E402
 from trainers.data.synthetic import SyntheticShapes  # noqa: E402
 
 CAMS = ("gradcam", "gradcampp", "scorecam", "ablationcam", "xgradcam")
@@ -65,12 +65,14 @@ def train(backbone, lam, error, args, train_loader):
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
     steps = args.epochs * len(train_loader)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps, pct_start=0.15)
-    t0, lr_hist = time.time(), []
+    t0, lr_hist, step = time.time(), [], 0
     for ep in range(args.epochs):
         model.train()
         for b in train_loader:
             x, y = b["image"], b["label"]
-            out = guided_gradient_loss(model, x, y, lam=lam, error=error, fraction=args.fraction)
+            out = guided_gradient_loss(model, x, y, lam=step_lambda(lam, args.every, step), error=error,
+                                       fraction=args.fraction)
+            step += 1
             opt.zero_grad(set_to_none=True)
             out["loss"].backward()
             opt.step()
@@ -178,7 +180,8 @@ def main(argv=None):
     ap.add_argument("--errors", default="cosine,histogram,mae,mse", help="error functions for the first backbone")
     ap.add_argument("--lam", type=float, default=None, help="override lambda (default: 7.5e-3 ResNet-18, 1e-3 MobileNet-V2)")
     ap.add_argument("--extra-lams", default="", help="additional cosine lambdas for the first backbone, e.g. '1.0'")
-    ap.add_argument("--fraction", type=float, default=1.0)
+    ap.add_argument("--fraction", type=float, default=1.0, help="share of each batch on which L_R is estimated")
+    ap.add_argument("--every", type=int, default=1, help="apply L_R (weight every*lambda) on every k-th step only")
     ap.add_argument("--cams", default=",".join(CAMS), help="CAM methods of Table 4.1 (Table 4.2 uses gradcam)")
     ap.add_argument("--skip-baseline", action="store_true", help="only the regularised runs (to split the work "
                     "over processes; the baseline is identical across them)")
@@ -260,7 +263,8 @@ def write_report(args, argv, results, pngs, total_s):
          f"Command: `{cmd.strip()}` (total {total_s / 60:.1f} min on this machine).\n",
          f"Data: synthetic shapes, {args.num_classes} classes, {args.image_size} px, {args.train_size} train / "
          f"{args.test_size} test images; {args.epochs} epochs, batch {args.batch_size}, AdamW lr {args.lr:g} (one-cycle), "
-         f"seed {args.seed}, same data order and initialisation for every run. L_R fraction {args.fraction:g}. "
+         f"seed {args.seed}, same data order and initialisation for every run. L_R fraction {args.fraction:g}, "
+         f"applied every {args.every} step(s). "
          f"CAMs for the ground-truth class on {args.eval_images} test images (`models.metrics.run_interpretability`, "
          f"AD/AG/AI/Ins/Del ×100); CAM layer = deepest backbone tap with >= {args.min_spatial}x{args.min_spatial} cells "
          f"(spec §10.14).\n"]

@@ -42,7 +42,7 @@ from torch.overrides import TorchFunctionMode
 from .baseline import Baseline
 from .registry import register_model
 
-__all__ = ["ERROR_FUNCTIONS", "error_mae", "error_mse", "error_cosine", "error_histogram_intersection",
+__all__ = ["ERROR_FUNCTIONS", "step_lambda", "error_mae", "error_mse", "error_cosine", "error_histogram_intersection",
            "GuidableActivations", "check_guided_compatible", "UnsupportedActivationError", "guided_backprop",
            "input_gradient", "guided_gradient_loss", "GuidedGradientsClassifier"]
 
@@ -303,6 +303,19 @@ def _frozen_bn_buffers(model: nn.Module):
         # inputs of batch_norm; train-mode backward does not read them) stays valid
         for b, s in zip(bufs, saved):
             b.data.copy_(s)
+
+
+def step_lambda(lam: float, every: int, step: int) -> float:
+    """lambda for training step ``step`` when L_R is applied on every ``every``-th step only.
+
+    Returns ``lam * every`` on steps ``0, every, 2*every, ...`` and 0 otherwise, so the regulariser's
+    weight summed over any ``every`` consecutive steps is ``every * lam`` as in eq. 4.4 applied at each step
+    (an unbiased estimate over steps, like ``fraction`` is over the batch). Unregularised steps cost a plain
+    step, so the average step costs ``(c_reg + (every - 1)) / every`` plain steps.
+    """
+    if every < 1:
+        raise ValueError(f"every must be >= 1, got {every}.")
+    return float(lam) * every if step % every == 0 else 0.0
 
 
 def guided_gradient_loss(model: nn.Module, x: Tensor, y: Tensor, lam: float = 7.5e-3, error: str = "cosine",

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import create_model
-from models.guided_gradients import (GuidableActivations, UnsupportedActivationError, _GuidableClamp,
+from models.guided_gradients import (GuidableActivations, step_lambda, UnsupportedActivationError, _GuidableClamp,
                                      check_guided_compatible, error_cosine, error_histogram_intersection, error_mae,
                                      error_mse, get_error_function, guided_backprop, guided_gradient_loss, input_gradient)
 
@@ -340,6 +340,26 @@ def test_lambda_zero_reproduces_plain_training_exactly():
         reg2.compute_loss(b, "train")["loss"].backward()
         opt.step()
     assert not all(torch.equal(sp[k], reg2.state_dict()[k]) for k in sp)
+
+
+def test_step_lambda_every_k_is_unbiased_over_steps(monkeypatch):
+    from trainers.guided_gradients import GuidedGradientsModule
+
+    assert [step_lambda(0.5, 3, s) for s in range(6)] == [1.5, 0, 0, 1.5, 0, 0]
+    assert all(step_lambda(0.5, 1, s) == 0.5 for s in range(4))
+    assert sum(step_lambda(0.25, 4, s) for s in range(8)) == pytest.approx(8 * 0.25)
+    with pytest.raises(ValueError, match="every"):
+        step_lambda(0.5, 0, 0)
+    torch.manual_seed(0)
+    m = GuidedGradientsModule(model_kwargs={"backbone": "resnet18"}, num_classes=4, lam=0.3, every=2).train()
+    b = {"image": torch.rand(4, 3, 16, 16), "label": torch.randint(0, 4, (4,))}
+    for step, expect_reg in ((0, True), (1, False), (2, True)):
+        monkeypatch.setattr(GuidedGradientsModule, "global_step", property(lambda self, s=step: s))
+        out = m.compute_loss(b, "train")
+        if expect_reg:  # L = L_C + (every * lam) L_R on the regularised steps
+            assert torch.allclose(out["loss"], out["loss_c"] + 0.6 * out["loss_r"])
+        else:
+            assert "loss_r" not in out and torch.equal(out["loss"], out["loss_c"])
 
 
 def test_module_refuses_multilabel_and_gelu():

@@ -19,7 +19,7 @@ from typing import Dict
 
 from torch import Tensor
 
-from models.guided_gradients import check_guided_compatible, get_error_function, guided_gradient_loss
+from models.guided_gradients import check_guided_compatible, get_error_function, guided_gradient_loss, step_lambda
 from .classification import ClassificationModule
 
 __all__ = ["GuidedGradientsModule"]
@@ -34,18 +34,23 @@ class GuidedGradientsModule(ClassificationModule):
         error: ``cosine`` (eq. 4.7, default), ``histogram`` (4.8), ``mae`` (4.5) or ``mse`` (4.6).
         fraction: share of each batch on which L_R is estimated (1 = all, shared forward; < 1 = a random
             sub-batch, cheaper; see :func:`~models.guided_gradients.guided_gradient_loss`).
+        every: apply L_R on every ``every``-th training step only, with weight ``every * lam`` (same expected
+            regularisation per step; average step cost ``(c_reg + every - 1) / every`` plain steps; see
+            :func:`~models.guided_gradients.step_lambda`). 1 = every step (thesis).
         grad_target: ``loss`` (thesis) or ``logit`` (ablation, spec §10.6).
         strategy: ``shared`` (one forward) or ``separate`` (the thesis's separate teacher forward).
         (other args: :class:`ClassificationModule`; ``model`` defaults to ``"guided_gradients"``.)
     """
 
     def __init__(self, model: str = "guided_gradients", lam: float = 7.5e-3, error: str = "cosine",
-                 fraction: float = 1.0, grad_target: str = "loss", strategy: str = "shared", **kwargs) -> None:
+                 fraction: float = 1.0, every: int = 1, grad_target: str = "loss", strategy: str = "shared",
+                 **kwargs) -> None:
         get_error_function(error)  # validates the name
         if lam < 0:
             raise ValueError(f"lam must be >= 0, got {lam}.")
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"fraction must be in (0, 1], got {fraction}.")
+        step_lambda(lam, every, 0)  # validates every
         if grad_target not in ("loss", "logit"):
             raise ValueError(f"grad_target must be 'loss' or 'logit', got {grad_target!r}.")
         if strategy not in ("shared", "separate"):
@@ -57,15 +62,16 @@ class GuidedGradientsModule(ClassificationModule):
                              "use a single-label DataModule (multilabel=False) or lam=0.")
         if lam > 0:
             check_guided_compatible(self.model)
-        self.lam, self.error, self.fraction = float(lam), error, float(fraction)
+        self.lam, self.error, self.fraction, self.every = float(lam), error, float(fraction), int(every)
         self.grad_target, self.strategy = grad_target, strategy
 
     def compute_loss(self, batch: Dict[str, Tensor], stage: str) -> Dict[str, Tensor]:
         if stage != "train":
             return super().compute_loss(batch, stage)
-        out = guided_gradient_loss(self.model, batch["image"], batch["label"], lam=self.lam, error=self.error,
+        lam = step_lambda(self.lam, self.every, self.global_step)
+        out = guided_gradient_loss(self.model, batch["image"], batch["label"], lam=lam, error=self.error,
                                    fraction=self.fraction, grad_target=self.grad_target, strategy=self.strategy,
                                    label_smoothing=self.label_smoothing)
-        if self.lam == 0:
+        if lam == 0:
             out.pop("loss_r")
         return out

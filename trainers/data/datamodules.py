@@ -131,14 +131,14 @@ class SyntheticShapesDataModule(_SyntheticDataModule):
         multilabel: several objects per image, multi-hot labels (for multi-label / WSSS).
         max_objects: objects per image in multi-label mode.
         num_distractors: bars/arcs of no class per image.
-        object_scale: ``[min, max]`` object radius as a fraction of the image side (default 0.12-0.24;
-            0.10-0.18 in multi-label mode). Larger objects make the task easier at small image sizes.
+        object_scale: ``[min, max]`` object radius as a fraction of the image side (default 0.20-0.32;
+            0.15-0.24 in multi-label mode). Larger objects make the task easier at small image sizes.
         augment: random horizontal flips for training.
         seed: the benchmark's seed (data are a pure function of it).
     """
 
     def __init__(self, num_classes: int = 6, image_size: int = 64, train_size: int = 3000, val_size: int = 600,
-                 test_size: int = 600, multilabel: bool = False, max_objects: int = 3, num_distractors: int = 3,
+                 test_size: int = 600, multilabel: bool = False, max_objects: int = 3, num_distractors: int = 2,
                  object_scale: Optional[List[float]] = None, augment: bool = True, seed: int = 0,
                  batch_size: int = 64, num_workers: int = 0, eval_batch_size: Optional[int] = None) -> None:
         super().__init__(batch_size, num_workers, eval_batch_size)
