@@ -36,6 +36,8 @@ VARIANTS = {
     "c": dict(desc="+ AttE, L_global", model=dict(head="atte"), alpha=0.0, beta=0.0),
     "d": dict(desc="+ L_dis", model=dict(head="atte"), alpha=0.5, beta=0.0),
     "e": dict(desc="+ L_div (full eX-ViT)", model=dict(head="atte"), alpha=0.5, beta=1.0),
+    "f": dict(desc="(e) + attribute balance (ours, not in the paper)", model=dict(head="atte"), alpha=0.5, beta=1.0,
+              gamma=1.0),
 }
 PAPER = {"a": "–", "b": "44.72 (T4.6) / 52.31 (T4.5)", "c": "53.71", "d": "55.27", "e": "59.13"}
 TAUS = [round(0.05 * i, 2) for i in range(1, 20)]
@@ -103,7 +105,7 @@ def train_variant(key, a, dm):
                                       scheduler={"name": "poly", "power": 0.9, "interval": "step", "warmup": a.warmup},
                                       **common)
     else:
-        module = ExViTModule(model_kwargs={**model_kwargs(a), **v["model"]}, alpha=v["alpha"], beta=v["beta"],
+        module = ExViTModule(model_kwargs={**model_kwargs(a), **v["model"]}, alpha=v["alpha"], beta=v["beta"], gamma=v.get("gamma", 0.0),
                              scheduler={"name": "poly", "power": 0.9, "interval": "step", "warmup": a.warmup},
                              momentum=a.momentum, encoder_lr=a.encoder_lr, aug_scale=a.aug_scale,
                              optimizer={"name": "adamw", "lr": a.lr, "weight_decay": 0.01}, **common)

@@ -45,7 +45,7 @@ from .base import InterpretableClassifier, normalize_saliency
 from .registry import register_model
 
 __all__ = ["EMHAttention", "swap_attention", "AttE", "GeM", "gem", "ExViT", "global_loss",
-           "normalized_mse", "discriminability_loss", "diversity_loss", "factored_gem", "factored_diversity", "momentum_copy", "ema_update_"]
+           "normalized_mse", "discriminability_loss", "diversity_loss", "balance_loss", "factored_gem", "factored_diversity", "momentum_copy", "ema_update_"]
 
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -335,6 +335,16 @@ def diversity_loss(G: Tensor, eps: float = 1e-6) -> Tensor:
     gram = g @ g.transpose(1, 2)                                    # (B, S, S)
     off = gram.sum((1, 2)) - gram.diagonal(dim1=1, dim2=2).sum(-1)
     return (off / (S * (S - 1))).mean()
+
+
+def balance_loss(m: Tensor, eps: float = 1e-12) -> Tensor:
+    """Optional attribute-balance term (not in the thesis; spec [D 16]): ``KL(m̄ || uniform) =
+    Σ_s m̄_s log(S m̄_s)`` with ``m̄_s`` = mean of the soft assignment ``m`` (B, N, S) over images and tokens.
+    0 when every attribute is used equally, ``log S`` when one attribute takes all the mass (the collapse
+    that L_dis's literal ``|d - Σ_s d_s|`` rewards, docs/results/exvit_notes.md). Per-token assignments
+    stay free: only the *average* usage is pushed towards uniform."""
+    mbar = m.reshape(-1, m.shape[-1]).mean(0)
+    return (mbar * (mbar.clamp_min(eps) * m.shape[-1]).log()).sum()
 
 
 def factored_gem(w: Tensor, Q: Tensor, p, eps: float = 1e-6) -> Tensor:

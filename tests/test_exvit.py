@@ -157,6 +157,25 @@ def test_diversity_loss_values():
     assert torch.allclose(diversity_loss(G), torch.tensor(4 / math.sqrt(2) / 6), atol=1e-6)
 
 
+def test_balance_loss_values_and_gradient():
+    from models.exvit import balance_loss
+
+    S = 8
+    uniform = torch.full((2, 5, S), 1.0 / S)
+    assert balance_loss(uniform).abs() < 1e-6
+    onehot = torch.zeros(2, 5, S)
+    onehot[..., 3] = 1
+    assert torch.allclose(balance_loss(onehot), torch.tensor(math.log(S)))
+    # per-token assignments may be peaked as long as the average usage is uniform
+    peaked = torch.eye(S).repeat(2, 1).reshape(2, S, S)
+    assert balance_loss(peaked).abs() < 1e-6
+    m = torch.softmax(torch.randn(2, 5, S), -1).requires_grad_(True)
+    mbar = m.detach().mean((0, 1))
+    assert torch.allclose(balance_loss(m), (mbar * (S * mbar).log()).sum(), atol=1e-6)
+    balance_loss(m).backward()
+    assert m.grad is not None and m.grad.abs().sum() > 0
+
+
 def test_discriminability_loss_values():
     """eq. 4.13: 0 for identical views; a hand-computed value otherwise."""
     u = torch.rand(3, 4, 8) + 0.1
@@ -286,7 +305,7 @@ def test_trainer_momentum_moves_by_ema_each_step():
 
     dm = SyntheticShapesDataModule(num_classes=3, image_size=32, train_size=8, val_size=4, test_size=4,
                                    multilabel=True, batch_size=4)
-    module = ExViTModule(model_kwargs=TINY, num_classes=3, multilabel=True, momentum=0.9)
+    module = ExViTModule(model_kwargs=TINY, num_classes=3, multilabel=True, momentum=0.9, gamma=0.5)
     assert "momentum" not in dict(module.named_children())              # not in the state dict / DDP
     groups = module.configure_optimizers()["optimizer"].param_groups
     lrs = {g["name"]: g["lr"] for g in groups}
@@ -298,7 +317,7 @@ def test_trainer_momentum_moves_by_ema_each_step():
                          limit_val_batches=0)
     trainer.fit(module, dm)
     assert Check.steps == 2
-    for k in ("train/global", "train/dis", "train/div"):
+    for k in ("train/global", "train/dis", "train/div", "train/bal"):
         assert k in trainer.callback_metrics
 
 

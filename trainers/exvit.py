@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.exvit import ExViT, discriminability_loss, ema_update_, momentum_copy
+from models.exvit import ExViT, balance_loss, discriminability_loss, ema_update_, momentum_copy
 
 from .classification import ClassificationModule
 
@@ -106,6 +106,8 @@ class ExViTModule(ClassificationModule):
 
     Args (besides :class:`ClassificationModule`'s):
         alpha, beta: weights of L_dis and L_div (eq. 4.15); 0 switches a term off (Table 4.6 ablations).
+        gamma: weight of the optional attribute-balance term :func:`~models.exvit.balance_loss` (not in the
+            thesis; 0 = off, the paper's loss). Counters the attribute collapse that L_dis favours ([D 16]).
         momentum: μ of the EMA branch (0.996).
         encoder_lr: lr of the encoder group when ``param_groups`` is not given (``optimizer.lr`` is the lr of
             everything new).
@@ -117,7 +119,7 @@ class ExViTModule(ClassificationModule):
                  optimizer: Optional[Dict[str, Any]] = None, param_groups: Optional[List[Dict[str, Any]]] = None,
                  scheduler: Optional[Dict[str, Any]] = None, freeze: Optional[List[str]] = None,
                  checkpoint_path: Optional[str] = None, label_smoothing: float = 0.0,
-                 alpha: float = 0.5, beta: float = 1.0, momentum: float = 0.996, encoder_lr: float = 5e-5,
+                 alpha: float = 0.5, beta: float = 1.0, gamma: float = 0.0, momentum: float = 0.996, encoder_lr: float = 5e-5,
                  aug_scale: Sequence[float] = (0.5, 2.0), aug_flip: float = 0.5,
                  aug_crop: Optional[Sequence[int]] = None) -> None:
         optimizer = dict(optimizer or {"name": "adamw", "lr": 5e-4, "weight_decay": 0.01})
@@ -130,9 +132,12 @@ class ExViTModule(ClassificationModule):
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1], got {momentum}.")
         uses_atte = self.model.head_mode == "atte"
-        if (alpha > 0 or beta > 0) and not uses_atte:
-            raise ValueError("alpha/beta > 0 need the AttE head: set model_kwargs.head='atte' (or alpha=beta=0 for "
-                             "the plain 'E^θ only' baseline).")
+        if (alpha > 0 or beta > 0 or gamma > 0) and not uses_atte:
+            raise ValueError("alpha/beta/gamma > 0 need the AttE head: set model_kwargs.head='atte' (or "
+                             "alpha=beta=gamma=0 for the plain 'E^θ only' baseline).")
+        if gamma < 0:
+            raise ValueError(f"gamma (balance weight) must be >= 0, got {gamma}.")
+        self.gamma = float(gamma)
         self.alpha, self.beta, self.momentum, self.encoder_lr = float(alpha), float(beta), float(momentum), encoder_lr
         self.aug = dict(scale=tuple(aug_scale), flip_p=float(aug_flip), crop=aug_crop)
         # not registered as a sub-module on purpose (see module docstring): a list hides it from nn.Module
@@ -207,6 +212,10 @@ class ExViTModule(ClassificationModule):
             l_div = out["div"]                                                   # (4.14), factored
             loss = loss + self.beta * l_div
             res["div"] = l_div.detach()
+        if self.gamma > 0:
+            l_bal = balance_loss(out["m"])
+            loss = loss + self.gamma * l_bal
+            res["bal"] = l_bal.detach()
         if "m" in out:  # attribute usage: share of the most used attribute (collapse monitor, [D 16])
             res["attr_max_share"] = out["m"].mean((0, 1)).max().detach()
         res["loss"] = loss                                                       # (4.15)
