@@ -60,6 +60,9 @@ def parse_args(argv=None):
     p.add_argument("--workdir", default=os.path.join(ROOT, "checkpoints", "ca_stream_experiment"))
     p.add_argument("--out", default=os.path.join(ROOT, "docs", "results", "ca_stream.md"))
     p.add_argument("--report-from", default=None, help="only rewrite the markdown from a previous run's JSON")
+    p.add_argument("--diagnose", action="store_true",
+                   help="only measure where the trained stream attends (attention mass on the object vs its area, "
+                        "entropy per block) with <workdir>/ca_stream.safetensors; writes ca_stream_diagnostics.md")
     return p.parse_args(argv)
 
 
@@ -95,8 +98,63 @@ def _flops(model, size):
     return fc.get_total_flops()  # 2 x MACs, as in the thesis
 
 
+@torch.no_grad()
+def attention_diagnostics(model, loader, max_images: int):
+    """Per stream block: attention mass on object pixels, the objects' area share at that block's resolution
+    (what uniform attention would put there), and the normalised entropy ``H(a) / log p`` (1 = uniform)."""
+    import torch.nn.functional as F
+
+    sums, n = None, 0
+    for b in loader:
+        x, mask = b["image"], (b["mask"] > 0).float()[:, None]
+        out = model.forward_stream(x)
+        rows = []
+        for a, shape in zip(out["attentions"], out["shapes"]):
+            obj = F.adaptive_avg_pool2d(mask, shape).flatten(1)          # object share of each cell
+            p = a.shape[1]
+            ent = -(a * a.clamp_min(1e-12).log()).sum(1) / math.log(p) if p > 1 else torch.ones(len(a))
+            rows.append(torch.stack([(a * obj).sum(1), obj.mean(1), ent], 1).sum(0))
+        rows = torch.stack(rows)
+        sums = rows if sums is None else sums + rows
+        n += x.shape[0]
+        if n >= max_images:
+            break
+    return (sums / n).tolist(), n
+
+
+def _diagnose(args):
+    from models import create_model, load_weights
+    from trainers.data.synthetic import SyntheticShapes
+
+    torch.set_num_threads(args.threads)
+    ca = create_model("ca_stream", backbone=args.backbone, num_classes=args.num_classes,
+                      start_stage=args.start_stage, class_specific=args.class_specific)
+    load_weights(ca, args.ca_ckpt or os.path.join(args.workdir, "ca_stream.safetensors"))
+    ca.eval()
+    test = SyntheticShapes("test", args.test_size, num_classes=args.num_classes, image_size=args.image_size,
+                           seed=args.seed)
+    rows, n = attention_diagnostics(ca, torch.utils.data.DataLoader(test, batch_size=100), args.test_size)
+    cmd = "python experiments/ca_stream.py " + " ".join(sys.argv[1:])
+    lines = ["# CA-Stream: where does the trained stream attend?", "",
+             f"Command: `{cmd.strip()}`; {n} test images, the stream of `docs/results/ca_stream.md`.", "",
+             "| block | map | attention mass on the object | object area share (= uniform attention) | "
+             "mass / share | entropy / log p (1 = uniform) |", "|---|---|---|---|---|---|"]
+    shapes = [tuple(int(s) for s in f.shape[2:]) for f in ca.stage_features(torch.rand(1, 3, args.image_size,
+                                                                                       args.image_size))]
+    for i, (mass, share, ent) in enumerate(rows):
+        sh = "x".join(map(str, shapes[args.start_stage + i]))
+        lines.append(f"| a_{i} | {sh} | {mass:.3f} | {share:.3f} | {mass / max(share, 1e-9):.2f} | {ent:.3f} |")
+    out = os.path.join(os.path.dirname(os.path.abspath(args.out)), "ca_stream_diagnostics.md")
+    with open(out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {out}")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.diagnose:
+        return _diagnose(args)
     if args.report_from:  # rewrite the table from the JSON of a finished run
         with open(args.report_from) as f:
             rec = json.load(f)
