@@ -64,6 +64,9 @@ def parse_args(argv=None):
     p.add_argument("--out", default="docs/results")
     p.add_argument("--runs", default="STD,PICNN", help="which models to train per backbone (STD,PICNN,PICNN-Gumbel)")
     p.add_argument("--workdir", default="checkpoints/picnn_experiment", help="trained weights (for the pictures)")
+    p.add_argument("--diagnose", action="store_true",
+                   help="only analyse the trained models in --workdir (which class each filter is most informative "
+                        "about vs its P cluster, inactive filters); writes picnn_diagnostics.md in --out")
     p.add_argument("--report-only", action="store_true",
                    help="only rebuild docs/results/picnn.md (+ PNGs) from the picnn_run_*.json files in --out")
     return p.parse_args(argv)
@@ -250,8 +253,50 @@ def collect_runs(out_dir):
     return runs
 
 
+@torch.no_grad()
+def diagnose(args):
+    """Why MIS moves the way it does: per trained model, the MI matrix m[c, i] = MI(h_i; 1[y = c]) and
+    - the share of filters whose most informative class is their P cluster's class (chance 1/K);
+    - the mean MI of each filter with its own cluster's class;
+    - the share of active filters (mean pooled activation > 1 % of the largest): dead filters have MI 0."""
+    import glob
+
+    import numpy as np
+
+    from models import create_model, load_weights
+    from models.metrics.picnn import mutual_information_score
+
+    dm = _dm(args)
+    x = torch.cat([b["image"] for b in dm.test_dataloader()])
+    y = torch.cat([b["label"] for b in dm.test_dataloader()])
+    lines = ["# PICNN: what the filters learned (diagnostics)", "",
+             f"Command: `python experiments/picnn.py {' '.join(sys.argv[1:])}`",
+             f"(test split, {len(y)} images; models from `{args.workdir}`).", "",
+             "| model | MIS | filters most informative about their own cluster's class (chance "
+             f"{1 / args.num_classes:.2f}) | mean MI with own cluster's class | active filters | MIS over active filters |",
+             "|---|---|---|---|---|---|"]
+    for path in sorted(glob.glob(os.path.join(args.workdir, "picnn_*.safetensors"))):
+        bb, name = os.path.basename(path)[len("picnn_"):-len(".safetensors")].rsplit("_", 1)
+        model = create_model("picnn", backbone=bb, num_classes=args.num_classes)
+        load_weights(model, path)
+        model.eval()
+        pooled = torch.cat([model.evaluate_pathways(x[i:i + 100])["pooled"] for i in range(0, len(x), 100)])
+        mis, m = mutual_information_score(pooled, y, args.num_classes, return_matrix=True)
+        cluster = model.P.argmax(0).numpy()
+        cols = np.arange(m.shape[1])
+        active = (pooled.mean(0) > 0.01 * pooled.mean(0).max()).numpy()
+        lines.append(f"| {bb} {name} | {mis:.3f} | {(m.argmax(0) == cluster).mean():.2f} | "
+                     f"{m[cluster, cols].mean():.3f} | {active.mean():.2f} | {m.max(0)[active].mean():.3f} |")
+    out = os.path.join(args.out, "picnn_diagnostics.md")
+    with open(out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines) + f"\nwrote {out}")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.diagnose:
+        return diagnose(args)
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.workdir, exist_ok=True)
