@@ -45,7 +45,8 @@ from .base import InterpretableClassifier, normalize_saliency
 from .registry import register_model
 
 __all__ = ["EMHAttention", "swap_attention", "AttE", "GeM", "gem", "ExViT", "global_loss",
-           "normalized_mse", "discriminability_loss", "diversity_loss", "balance_loss", "factored_gem", "factored_diversity", "momentum_copy", "ema_update_"]
+           "normalized_mse", "discriminability_loss", "diversity_loss", "balance_loss", "factored_gem",
+           "factored_diversity", "momentum_copy", "ema_update_"]
 
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

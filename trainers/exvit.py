@@ -119,7 +119,8 @@ class ExViTModule(ClassificationModule):
                  optimizer: Optional[Dict[str, Any]] = None, param_groups: Optional[List[Dict[str, Any]]] = None,
                  scheduler: Optional[Dict[str, Any]] = None, freeze: Optional[List[str]] = None,
                  checkpoint_path: Optional[str] = None, label_smoothing: float = 0.0,
-                 alpha: float = 0.5, beta: float = 1.0, gamma: float = 0.0, momentum: float = 0.996, encoder_lr: float = 5e-5,
+                 alpha: float = 0.5, beta: float = 1.0, gamma: float = 0.0, momentum: float = 0.996,
+                 encoder_lr: float = 5e-5,
                  aug_scale: Sequence[float] = (0.5, 2.0), aug_flip: float = 0.5,
                  aug_crop: Optional[Sequence[int]] = None) -> None:
         optimizer = dict(optimizer or {"name": "adamw", "lr": 5e-4, "weight_decay": 0.01})
