@@ -101,10 +101,11 @@ def _flops(model, size):
 @torch.no_grad()
 def attention_diagnostics(model, loader, max_images: int):
     """Per stream block: attention mass on object pixels, the objects' area share at that block's resolution
-    (what uniform attention would put there), and the normalised entropy ``H(a) / log p`` (1 = uniform)."""
+    (what uniform attention would put there), and the normalised entropy ``H(a) / log p`` (1 = uniform).
+    Returns (rows [block][mass, share, entropy] averaged over images, #images, spatial shape per block)."""
     import torch.nn.functional as F
 
-    sums, n = None, 0
+    sums, n, shapes = None, 0, []
     for b in loader:
         x, mask = b["image"], (b["mask"] > 0).float()[:, None]
         out = model.forward_stream(x)
@@ -114,12 +115,12 @@ def attention_diagnostics(model, loader, max_images: int):
             p = a.shape[1]
             ent = -(a * a.clamp_min(1e-12).log()).sum(1) / math.log(p) if p > 1 else torch.ones(len(a))
             rows.append(torch.stack([(a * obj).sum(1), obj.mean(1), ent], 1).sum(0))
-        rows = torch.stack(rows)
+        rows, shapes = torch.stack(rows), out["shapes"]
         sums = rows if sums is None else sums + rows
         n += x.shape[0]
         if n >= max_images:
             break
-    return (sums / n).tolist(), n
+    return (sums / n).tolist(), n, shapes
 
 
 def _diagnose(args):
@@ -133,16 +134,14 @@ def _diagnose(args):
     ca.eval()
     test = SyntheticShapes("test", args.test_size, num_classes=args.num_classes, image_size=args.image_size,
                            seed=args.seed)
-    rows, n = attention_diagnostics(ca, torch.utils.data.DataLoader(test, batch_size=100), args.test_size)
+    rows, n, shapes = attention_diagnostics(ca, torch.utils.data.DataLoader(test, batch_size=100), args.test_size)
     cmd = "python experiments/ca_stream.py " + " ".join(sys.argv[1:])
     lines = ["# CA-Stream: where does the trained stream attend?", "",
              f"Command: `{cmd.strip()}`; {n} test images, the stream of `docs/results/ca_stream.md`.", "",
              "| block | map | attention mass on the object | object area share (= uniform attention) | "
              "mass / share | entropy / log p (1 = uniform) |", "|---|---|---|---|---|---|"]
-    shapes = [tuple(int(s) for s in f.shape[2:]) for f in ca.stage_features(torch.rand(1, 3, args.image_size,
-                                                                                       args.image_size))]
     for i, (mass, share, ent) in enumerate(rows):
-        sh = "x".join(map(str, shapes[args.start_stage + i]))
+        sh = "x".join(map(str, shapes[i]))
         lines.append(f"| a_{i} | {sh} | {mass:.3f} | {share:.3f} | {mass / max(share, 1e-9):.2f} | {ent:.3f} |")
     out = os.path.join(os.path.dirname(os.path.abspath(args.out)), "ca_stream_diagnostics.md")
     with open(out, "w") as f:

@@ -105,7 +105,8 @@ def train_variant(key, a, dm):
                                       scheduler={"name": "poly", "power": 0.9, "interval": "step", "warmup": a.warmup},
                                       **common)
     else:
-        module = ExViTModule(model_kwargs={**model_kwargs(a), **v["model"]}, alpha=v["alpha"], beta=v["beta"], gamma=v.get("gamma", 0.0),
+        module = ExViTModule(model_kwargs={**model_kwargs(a), **v["model"]}, alpha=v["alpha"], beta=v["beta"],
+                             gamma=v.get("gamma", 0.0),
                              scheduler={"name": "poly", "power": 0.9, "interval": "step", "warmup": a.warmup},
                              momentum=a.momentum, encoder_lr=a.encoder_lr, aug_scale=a.aug_scale,
                              optimizer={"name": "adamw", "lr": a.lr, "weight_decay": 0.01}, **common)

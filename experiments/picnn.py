@@ -66,7 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--workdir", default="checkpoints/picnn_experiment", help="trained weights (for the pictures)")
     p.add_argument("--diagnose", action="store_true",
                    help="only analyse the trained models in --workdir (which class each filter is most informative "
-                        "about vs its P cluster, inactive filters); writes picnn_diagnostics.md in --out")
+                        "about vs its P cluster, MIS over active filters); writes picnn_diagnostics.md in --out")
     p.add_argument("--report-only", action="store_true",
                    help="only rebuild docs/results/picnn.md (+ PNGs) from the picnn_run_*.json files in --out")
     return p.parse_args(argv)
@@ -258,7 +258,8 @@ def diagnose(args):
     """Why MIS moves the way it does: per trained model, the MI matrix m[c, i] = MI(h_i; 1[y = c]) and
     - the share of filters whose most informative class is their P cluster's class (chance 1/K);
     - the mean MI of each filter with its own cluster's class;
-    - the share of active filters (mean pooled activation > 1 % of the largest): dead filters have MI 0."""
+    - the share of active filters (mean pooled activation > 1 % of the largest) and MIS over those only, to see
+      whether near-dead filters drag MIS down."""
     import glob
 
     import numpy as np
