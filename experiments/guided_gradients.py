@@ -65,7 +65,7 @@ def train(backbone, lam, error, args, train_loader):
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
     steps = args.epochs * len(train_loader)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps, pct_start=0.15)
-    t0, lr_hist, step = time.time(), [], 0
+    t0, step = time.time(), 0
     for ep in range(args.epochs):
         model.train()
         for b in train_loader:
@@ -77,10 +77,9 @@ def train(backbone, lam, error, args, train_loader):
             out["loss"].backward()
             opt.step()
             sched.step()
-            lr_hist.append(float(out["loss_r"]))
         print(f"  [{backbone} {error if lam else '-'} lam={lam:g}] epoch {ep + 1}/{args.epochs} "
               f"L_C={out['loss_c'].item():.3f} L_R={out['loss_r'].item():.3f} ({time.time() - t0:.0f}s)", flush=True)
-    return model.eval(), time.time() - t0, (sum(lr_hist[-len(train_loader):]) / len(train_loader))
+    return model.eval(), time.time() - t0
 
 
 @torch.no_grad()
@@ -218,7 +217,7 @@ def main(argv=None):
     for bb, err, lam in runs:
         key = f"{bb}|{err}|{lam:g}"
         print(f"== {key}", flush=True)
-        model, secs, lr_last = train(bb, lam, err if err != "-" else "cosine", args, train_loader)
+        model, secs = train(bb, lam, err if err != "-" else "cosine", args, train_loader)
         models_[key] = model
         acc = accuracy(model, test_loader)
         align = gradient_alignment(model, test_loader, min(args.eval_images, 100))
