@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: next to the checkpoint, eval/)")
     g = p.add_argument_group("interpretability (docs/metrics.md)")
     g.add_argument("--explainers", default=None,
-                   help="comma list of models.explainers names, e.g. gradcam,gradcampp,scorecam,opticam,intrinsic "
+                   help="comma list of models.explainers names, e.g. gradcam,gradcampp,scorecam,opticam,intrinsic, "
+                        "rsp, ucag:gradcam (UCAG over a base explainer) "
                         "(random and fakecam are always added as sanity baselines)")
     g.add_argument("--metrics", default="ad,ag,ai,ins,del,pg,miou",
                    help="comma list of ad,ag,ai,ins,del,pg,epg,miou (or all); runtime is always reported")
@@ -59,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tolerance-px", type=int, default=0, help="pointing-game tolerance (15 in the original protocol)")
     g.add_argument("--iou-threshold", default="mean_std", help="mean_std (seed 002 eq. 5.1), mean, or a number")
     g.add_argument("--grid-images", type=int, default=4, help="images in the overlay PNG")
+    g.add_argument("--sanity", action="store_true",
+                   help="cascading-randomisation sanity check of the --explainers (Spearman/SSIM per step, flags maps "
+                        "that do not change; models/metrics/sanity.py): sanity_<split>.json/.png")
+    g.add_argument("--sanity-images", type=int, default=16, help="images for --sanity")
+    g.add_argument("--dropout-ranking", default=None, metavar="METRIC",
+                   help="layer-dropout ranking check (seed 002 §5.4) of the --explainers on METRIC (e.g. miou)")
+    g.add_argument("--dropout-p", type=float, default=0.1, help="dropout rate after every backbone stage")
+    g.add_argument("--dropout-repeats", type=int, default=10, help="passes with dropout on")
     g.add_argument("--picnn", action="store_true",
                    help="PICNN filter-cluster metrics ACC1/ACC2/ACC3/MIS (models/metrics/picnn.py, docs/picnn.md)")
     return p
@@ -198,6 +207,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                                             args.limit_batches, getattr(dm, "class_names", None))
     if args.explainers:
         results["interpretability"] = evaluate_interpretability(model, loader, args, out_dir, results["model"])
+    if args.sanity or args.dropout_ranking:  # issue 18: models/metrics/sanity.py
+        from models.metrics.sanity import eval_checks
+
+        results.update(eval_checks(model, loader, args, out_dir))
     if args.picnn:
         from models.metrics.picnn import evaluate_picnn
 

@@ -51,6 +51,13 @@ SUPPORTS_3D = ("cam", "gradcam", "gradcampp", "xgradcam", "layercam", "hirescam"
                "random", "fakecam")
 
 
+from .rsp import RSP  # noqa: E402  (issue 18: relative sectional propagation)
+from .ucag import UCAG  # noqa: E402  (issue 18: UCAG wrapper, ``ucag:<base>``)
+
+register_explainer("rsp", RSP)
+register_explainer("ucag", UCAG)
+
+
 def list_explainers() -> List[str]:
     """Sorted names accepted by :func:`create_explainer`."""
     return sorted(_EXPLAINERS)
@@ -68,6 +75,11 @@ def create_explainer(name: str, model: nn.Module, target_layers=None, **kwargs) 
         **kwargs: method options (e.g. ``max_iter`` for opticam, ``contrast`` for relevance CAMs).
     """
     key = str(name).lower().replace("-", "").replace("_", "")
+    if ":" in key:  # wrapper spelling "ucag:gradcam" = create_explainer("ucag", model, base="gradcam")
+        key, base = key.split(":", 1)
+        if "base" in kwargs:
+            raise ValueError(f"explainer {name!r} names its base after ':'; do not also pass base=.")
+        kwargs["base"] = base
     if key not in _EXPLAINERS:
         raise ValueError(f"Unknown explainer {name!r}. Available: {', '.join(list_explainers())}.")
     factory = _EXPLAINERS[key]

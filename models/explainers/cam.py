@@ -85,16 +85,32 @@ class PackageCAM(Explainer):
         super().__init__(model, target_layers)
         self._cls = type(f"_Torch{classes[name].__name__}", (_TorchResize, classes[name]), {})
 
-    def explain(self, x: Tensor, targets: Tensor) -> Tensor:
+    def _raw(self, x: Tensor, targets: Tensor):
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
         x = x.requires_grad_(True)  # gradients reach the layer even if every parameter is frozen
         cam = self._cls(self.model, target_layers=self.target_layers)
         try:
             maps = cam(x, targets=[ClassifierOutputTarget(int(c)) for c in targets])
+            logits = cam.outputs.detach()
         finally:
             cam.activations_and_grads.release()
-        return postprocess_layer_maps([m.to(x.device) for m in maps], x.shape[2:])
+        return [m.to(x.device) for m in maps], logits
+
+    def explain(self, x: Tensor, targets: Tensor) -> Tensor:
+        return postprocess_layer_maps(self._raw(x, targets)[0], x.shape[2:])
+
+    def explain_raw(self, x: Tensor, targets: Tensor):
+        """``(sum_k w_k A^k before ReLU at layer resolution, logits)`` for one target layer (UCAG protocol)."""
+        maps, logits = self._raw(x, targets)
+        return _one_layer(maps, self.name), logits
+
+
+def _one_layer(maps: List[Tensor], name: str) -> Tensor:
+    if len(maps) != 1:
+        raise ValueError(f"{name}: explain_raw needs exactly one target layer (got {len(maps)}); UCAG over a "
+                         "multi-layer explainer uses its normalised maps (patch_maps='normalized').")
+    return maps[0]
 
 
 def _find_classifier(model: nn.Module, classifier: Optional[str]) -> nn.Linear:
@@ -127,15 +143,18 @@ class CAM(Explainer):
         self.relu = relu
 
     def explain(self, x: Tensor, targets: Tensor) -> Tensor:
+        return postprocess_layer_maps([self.explain_raw(x, targets)[0]], x.shape[2:], relu=self.relu)
+
+    def explain_raw(self, x: Tensor, targets: Tensor):
+        """``(sum_k W_ck A^k at layer resolution, logits)`` (UCAG protocol)."""
         with torch.no_grad(), capture_outputs(self.target_layers) as cap:
-            self.model(x)
+            logits = self.model(x)
         a = cap.last()[0]
         if a.shape[1] != self.fc.in_features:
             raise ValueError(f"CAM: the target layer has {a.shape[1]} channels but the classifier expects "
                              f"{self.fc.in_features} features; CAM is only defined at the layer feeding GAP -> fc.")
         w = self.fc.weight[targets]  # (B, K)
-        cam = torch.einsum("bk...,bk->b...", a.float(), w.float())
-        return postprocess_layer_maps([cam], x.shape[2:], relu=self.relu)
+        return torch.einsum("bk...,bk->b...", a.float(), w.float()), logits
 
 
 class ScoreCAM(Explainer):
@@ -158,8 +177,17 @@ class ScoreCAM(Explainer):
 
     @torch.no_grad()
     def explain(self, x: Tensor, targets: Tensor) -> Tensor:
+        return postprocess_layer_maps(self._raw(x, targets)[0], x.shape[2:])
+
+    def explain_raw(self, x: Tensor, targets: Tensor):
+        """``(sum_k w_k A^k before ReLU at layer resolution, logits)`` for one target layer (UCAG protocol)."""
+        maps, logits = self._raw(x, targets)
+        return _one_layer(maps, self.name), logits
+
+    @torch.no_grad()
+    def _raw(self, x: Tensor, targets: Tensor):
         with capture_outputs(self.target_layers) as cap:
-            self.model(x)
+            logits0 = self.model(x)
         acts = cap.last()
         maps = []
         size = x.shape[2:]
@@ -183,7 +211,7 @@ class ScoreCAM(Explainer):
                 scores[sl] = gather_logit(logits, targets[img_idx[sl]])
             w = scores.view(b, k).softmax(dim=1)
             maps.append(torch.einsum("bk...,bk->b...", a, w))
-        return postprocess_layer_maps(maps, size)
+        return maps, logits0
 
 
 class AblationCAM(Explainer):

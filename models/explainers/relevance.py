@@ -291,8 +291,17 @@ class RelevanceCAM(Explainer):
             w = self.weights(a, r)
             ws.append(w)
             maps.append(torch.einsum("bk...,bk->b...", a, w))
-        self.last_info = dict(activations=acts, relevance=rels, weights=ws, logits=logits, initial_relevance=r0)
+        self.last_info = dict(activations=acts, relevance=rels, weights=ws, logits=logits, initial_relevance=r0,
+                              raw_maps=maps)
         return postprocess_layer_maps(maps, x.shape[2:])
+
+    def explain_raw(self, x: Tensor, targets: Tensor) -> Tuple[Tensor, Tensor]:
+        """``(sum_k w_k A^k before ReLU at layer resolution, logits)`` for one target layer (UCAG protocol)."""
+        if len(self.target_layers) != 1:
+            raise ValueError(f"{self.name}: explain_raw needs exactly one target layer; UCAG over a multi-layer "
+                             "explainer uses its normalised maps (patch_maps='normalized').")
+        self.explain(x, targets)
+        return self.last_info["raw_maps"][0], self.last_info["logits"]
 
 
 class XRelevanceCAM(RelevanceCAM):
