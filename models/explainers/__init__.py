@@ -23,11 +23,14 @@ from .gradients import Gradient, GuidedBackprop
 from .opticam import OptiCAM
 from .relevance import LRP, RelevanceCAM, XRelevanceCAM, layer_relevance, lrp_epsilon, lrp_zplus
 from .simple import FakeCAM, Intrinsic, RandomMap
+from .controls import ColorContrast, EdgeEnergy, GaussianMap, Untrained, reinitialize
 
 __all__ = ["create_explainer", "list_explainers", "register_explainer", "Explainer", "explain_mode",
            "resolve_layers", "aggregate_maps", "postprocess_layer_maps", "CAM", "PackageCAM", "ScoreCAM",
            "AblationCAM", "OptiCAM", "RelevanceCAM", "XRelevanceCAM", "HAM", "Gradient", "GuidedBackprop",
-           "Intrinsic", "RandomMap", "FakeCAM", "LRP", "layer_relevance", "lrp_epsilon", "lrp_zplus"]
+           "Intrinsic", "RandomMap", "FakeCAM", "LRP", "layer_relevance", "lrp_epsilon", "lrp_zplus",
+           "GaussianMap", "ColorContrast", "EdgeEnergy", "Untrained", "reinitialize", "CONTROL_EXPLAINERS",
+           "is_control"]
 
 _EXPLAINERS: Dict[str, Callable[..., Explainer]] = {}
 
@@ -42,13 +45,24 @@ def register_explainer(name: str, factory: Callable[..., Explainer]) -> None:
 for _name in PACKAGE_METHODS:
     register_explainer(_name, (lambda n: lambda model, target_layers=None: PackageCAM(n, model, target_layers))(_name))
 for _cls in (CAM, ScoreCAM, AblationCAM, OptiCAM, RelevanceCAM, XRelevanceCAM, HAM, Gradient, GuidedBackprop,
-             Intrinsic, RandomMap, FakeCAM):
+             Intrinsic, RandomMap, FakeCAM, GaussianMap, ColorContrast, EdgeEnergy, Untrained):
     register_explainer(_cls.name, _cls)
+
+#: controls (issue 14): sanity baselines a real explanation must beat; ``Explainer.control`` is True for them
+CONTROL_EXPLAINERS = ("random", "gaussian", "fakecam", "colorcontrast", "edges", "untrained")
 
 #: names that explain volumes too (the others raise a clear error on 5-D input)
 SUPPORTS_3D = ("cam", "gradcam", "gradcampp", "xgradcam", "layercam", "hirescam", "scorecam", "ablationcam",
                "opticam", "relevancecam", "xrelevancecam", "ham", "gradient", "guidedbackprop", "intrinsic",
-               "random", "fakecam")
+               "random", "fakecam", "gaussian", "colorcontrast", "edges", "untrained")
+
+
+def is_control(name_or_explainer) -> bool:
+    """True for control explainers (a name of :data:`CONTROL_EXPLAINERS` or an explainer with ``control``)."""
+    if isinstance(name_or_explainer, str):
+        key = name_or_explainer.lower().replace("-", "").replace("_", "")
+        return key in CONTROL_EXPLAINERS or key.startswith("untrained")
+    return bool(getattr(name_or_explainer, "control", False))
 
 
 from .rsp import RSP  # noqa: E402  (issue 18: relative sectional propagation)

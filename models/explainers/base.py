@@ -172,6 +172,8 @@ class Explainer:
     uses_layers: bool = True
     #: only one target layer (no layer-wise aggregation)
     single_layer: bool = False
+    #: a control (sanity baseline a real explanation must beat; issue 14), not an explanation method
+    control: bool = False
 
     def __init__(self, model: nn.Module, target_layers: LayerSpec = None) -> None:
         if not isinstance(model, nn.Module):

@@ -33,6 +33,7 @@ class Intrinsic(Explainer):
 class RandomMap(Explainer):
     name = "random"
     uses_layers = False
+    control = True
 
     def __init__(self, model: nn.Module, target_layers=None, seed: int = 0) -> None:
         super().__init__(model, None)
@@ -46,6 +47,7 @@ class RandomMap(Explainer):
 class FakeCAM(Explainer):
     name = "fakecam"
     uses_layers = False
+    control = True
 
     def __init__(self, model: nn.Module, target_layers=None) -> None:
         super().__init__(model, None)
