@@ -32,6 +32,27 @@ from tqdm.auto import tqdm
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
 
+#: the default run (no --explainers): the model's own map and Grad-CAM, plus the controls of issue 14
+DEFAULT_EXPLAINERS = ("intrinsic", "gradcam", "random", "gaussian", "fakecam", "colorcontrast", "edges", "untrained")
+#: images of the default run (AD/AG/AI, insertion/deletion, pointing game, IoU in well under a minute on 2 cores)
+DEFAULT_MAX_IMAGES = 100
+
+
+def parse_target_layers(text: Optional[str]):
+    """``"-1"`` -> -1, ``"backbone.taps.2"`` -> the name, ``"-1,-2"`` -> [-1, -2] (layer-wise aggregation)."""
+    if text is None or not str(text).strip():
+        return None
+    items = []
+    for t in str(text).replace(" ", "").split(","):
+        if not t:
+            continue
+        try:
+            items.append(int(t))
+        except ValueError:
+            items.append(t)
+    return items[0] if len(items) == 1 else items
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
@@ -49,10 +70,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--explainers", default=None,
                    help="comma list of models.explainers names, e.g. gradcam,gradcampp,scorecam,opticam,intrinsic, "
                         "rsp, ucag:gradcam (UCAG over a base explainer) "
-                        "(random and fakecam are always added as sanity baselines)")
+                        "(random and fakecam are always added as sanity baselines). Default: the intrinsic map and "
+                        "Grad-CAM with the controls (" + ",".join(DEFAULT_EXPLAINERS) + ") on --max-images 100 "
+                        "images; 'none' for accuracy only")
+    g.add_argument("--target-layers", default=None, metavar="LAYERS",
+                   help="layer(s) the CAM-family explainers explain: a tap index (-1 = last stage, -2 = the stage "
+                        "before), a module name (backbone.taps.2, backbone.body.layer3), or a comma list of them "
+                        "for layer-wise aggregation (-1,-2,-3). Default: the model's cam_target_layer()")
+    g.add_argument("--explain", default=None, metavar="IMAGE_OR_FOLDER",
+                   help="explain your own PNG/JPEG image(s) (a file or a folder): prediction, confidence and an "
+                        "overlay per image in OUT/explain/ (explainers: --explainers, default intrinsic,gradcam); "
+                        "no accuracy or metrics are computed")
     g.add_argument("--metrics", default="ad,ag,ai,ins,del,pg,miou",
                    help="comma list of ad,ag,ai,ins,del,pg,epg,miou (or all); runtime is always reported")
-    g.add_argument("--max-images", type=int, default=200, help="images explained (first N of the split)")
+    g.add_argument("--max-images", type=int, default=None,
+                   help="images explained (first N of the split; default 200 with --explainers, 100 in the default run)")
     g.add_argument("--target", default="label", choices=["label", "pred"], help="class explained: ground truth or predicted")
     g.add_argument("--correct-only", action="store_true", help="count only correctly classified images")
     g.add_argument("--steps", type=int, default=None, help="insertion/deletion steps (default ceil(sqrt(#pixels)))")
@@ -165,10 +197,20 @@ def evaluate_interpretability(model: torch.nn.Module, loader, args, out_dir: str
         thr = float(args.iou_threshold)
     except ValueError:  # a rule name; SaliencyIoU names the valid ones
         thr = args.iou_threshold
-    res = run_interpretability(model, loader, args.explainers, args.metrics, max_images=args.max_images,
+    metrics = args.metrics
+    first = next(iter(loader), None)
+    if isinstance(first, dict) and first.get("mask") is None and first.get("boxes") is None:
+        from models.metrics import parse_metrics
+
+        loc = [m for m in parse_metrics(metrics) if m in ("pg", "epg", "miou")]
+        if loc:
+            print(f"note: the dataset has no ground-truth masks or boxes: {', '.join(loc)} skipped")
+            metrics = ",".join(m for m in parse_metrics(metrics) if m not in loc)
+    res = run_interpretability(model, loader, args.explainers, metrics, max_images=args.max_images,
                                device=args.device, target=args.target, correct_only=args.correct_only,
                                steps=args.steps, max_batch=args.max_batch, tolerance_px=args.tolerance_px,
-                               iou_threshold=thr, examples=args.grid_images)
+                               iou_threshold=thr, examples=args.grid_images,
+                               target_layers=parse_target_layers(getattr(args, "target_layers", None)))
     stem = os.path.join(out_dir, f"interpretability_{args.split}")
     save_json(res, stem + ".json", model=model_name, split=args.split)
     table = write_markdown_table(res, stem + ".md", model_name=model_name,
@@ -176,12 +218,141 @@ def evaluate_interpretability(model: torch.nn.Module, loader, args, out_dir: str
     files = [stem + ".json", stem + ".md"]
     if args.grid_images > 0 and res.examples.get("maps"):
         names = getattr(loader.dataset, "class_names", None)
-        titles = [f"{names[t] if names else t} (GT contour)" for t in res.examples["targets"].tolist()]
-        files.append(save_overlay_grid(res.examples["images"], res.examples["maps"],
-                                       os.path.join(out_dir, f"overlays_{args.split}.png"), n=args.grid_images,
-                                       titles=titles, masks=res.examples.get("masks")))
+        ex_img = res.examples["images"]
+        titles = row_titles(model, ex_img, res.examples["targets"], names, args.device,
+                            "true" if args.target == "label" else "explained", res.meta.get("score") == "sigmoid")
+        maps_info = res.meta.get("maps") or {}
+        files.append(save_overlay_grid(
+            ex_img, res.examples["maps"], os.path.join(out_dir, f"overlays_{args.split}.png"), n=args.grid_images,
+            titles=titles, masks=res.examples.get("masks"), display_names=method_names(model),
+            title=f"{model_name}: saliency for the {'true' if args.target == 'label' else 'predicted'} class, "
+                  f"{args.split} split",
+            native={k: v.get("native_resolution") for k, v in maps_info.items()},
+            status={k: _short_status(v) for k, v in maps_info.items()}))
     print("\n" + table)
+    for name, info in (res.meta.get("maps") or {}).items():
+        if info.get("status") not in (None, "ok"):
+            print(f"note: {name}: {info['status']}")
     return {"results": dict(res), "meta": res.meta, "files": files}
+
+
+def method_names(model) -> Dict[str, str]:
+    """Display names for the overlay columns; the intrinsic map is named after the model's explanation kind."""
+    kind = getattr(model, "explanation_kind", None)
+    return {"intrinsic": f"Intrinsic map ({kind})" if kind else "Intrinsic map"}
+
+
+def _short_status(info: Dict[str, Any]) -> str:
+    """Column note for the picture: only the degenerate cases."""
+    from models.metrics.degenerate import format_resolution
+
+    notes = []
+    if info.get("n_constant"):
+        notes.append("constant maps" if "not scored" in info.get("status", "") and "/" not in info["status"]
+                     else f"{info['n_constant']} constant")
+    if info.get("localisation") == "refused":
+        notes.append(f"coarse {format_resolution(info.get('native_resolution'))}: no PG/IoU")
+    return ", ".join(notes)
+
+
+@torch.no_grad()
+def row_titles(model, images, targets, class_names, device: str = "cpu", what: str = "true",
+               multilabel: bool = False) -> List[str]:
+    """``"true: circle\npred: circle (97 %)"`` per image (softmax confidence of the top class; sigmoid for
+    multi-label data)."""
+    model.eval()
+    logits = model(images.to(device)).float().cpu()
+    probs = logits.sigmoid() if multilabel else logits.softmax(1)
+    conf, pred = probs.max(1)
+    name = lambda c: class_names[c] if class_names and 0 <= c < len(class_names) else str(c)  # noqa: E731
+    return [f"{what}: {name(int(t))}\npred: {name(int(p))} ({100 * float(c):.0f} %)"
+            for t, p, c in zip(targets.tolist(), pred.tolist(), conf.tolist())]
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def _image_files(path: str) -> List[str]:
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_SUFFIXES))
+        if not files:
+            raise SystemExit(f"error: --explain {path}: the folder has no PNG/JPEG image.")
+        return files
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --explain {path}: no such file or folder.")
+    if not path.lower().endswith(IMAGE_SUFFIXES):
+        raise SystemExit(f"error: --explain {path}: not a PNG/JPEG file (suffix {os.path.splitext(path)[1]!r}).")
+    return [path]
+
+
+def load_image(path: str, in_chans: int, size: Optional[int]) -> torch.Tensor:
+    """A PNG/JPEG as ``(in_chans, H, W)`` in [0, 1] (RGB or grey), resized to ``size`` x ``size`` if given."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB" if in_chans == 3 else "L")
+            if size:
+                im = im.resize((int(size), int(size)), Image.BILINEAR)
+            arr = np.asarray(im, dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError) as e:
+        raise SystemExit(f"error: --explain: cannot read image {path!r} ({e}).") from None
+    x = torch.from_numpy(arr.copy())
+    x = x.permute(2, 0, 1) if x.dim() == 3 else x.unsqueeze(0)
+    if x.shape[0] != in_chans:
+        raise SystemExit(f"error: --explain: the model takes {in_chans}-channel images; {path!r} gives {x.shape[0]}.")
+    return x
+
+
+def explain_files(model, dm, args, out_dir: str) -> Dict[str, Any]:
+    """``--explain IMAGE_OR_FOLDER``: predict and explain each image (predicted class); one overlay PNG per image."""
+    from models.explainers import create_explainer
+    from models.metrics import save_overlay_grid
+    from models.metrics.degenerate import native_resolution
+
+    if getattr(model, "spatial_dims", 2) != 2:
+        raise SystemExit("error: --explain reads 2D PNG/JPEG images; this model takes 3D volumes.")
+    size = (getattr(dm, "hparams", None) or {}).get("image_size") if dm is not None else None
+    names = getattr(dm, "class_names", None) if dm is not None else None
+    layers = parse_target_layers(args.target_layers)
+    model.eval().to(args.device)
+    explainers = {}
+    for e in [e for e in args.explainers.replace(" ", "").split(",") if e]:
+        try:
+            explainers[e] = create_explainer(e, model, target_layers=layers)
+        except (ValueError, TypeError) as err:
+            print(f"skip {e}: {err}")
+    if not explainers:
+        raise SystemExit("error: --explain: no usable explainer (see the messages above).")
+    folder = os.path.join(out_dir, "explain")
+    os.makedirs(folder, exist_ok=True)
+    out = {"source": args.checkpoint or args.weights, "images": []}
+    for path in _image_files(args.explain):
+        x = load_image(path, model.in_chans, size).unsqueeze(0).to(args.device)
+        with torch.no_grad():
+            probs = model(x).float().softmax(1)[0]
+        conf, pred = probs.max(0)
+        maps, native = {}, {}
+        for e, fn in explainers.items():
+            maps[e] = fn(x, pred.view(1)).detach().cpu()
+            native[e] = native_resolution(fn, model, x)
+        label = names[int(pred)] if names else str(int(pred))
+        png = os.path.join(folder, os.path.splitext(os.path.basename(path))[0] + "_overlay.png")
+        save_overlay_grid(x.cpu(), maps, png, n=1, titles=[f"pred: {label}\n({100 * float(conf):.0f} %)"],
+                          display_names=method_names(model), native=native,
+                          title=f"{os.path.basename(path)}: why '{label}'?")
+        top = probs.topk(min(3, probs.numel()))
+        row = {"image": path, "overlay": png, "pred": label, "confidence": float(conf),
+               "top": [{"class": names[int(i)] if names else int(i), "p": float(p)}
+                       for p, i in zip(top.values.tolist(), top.indices.tolist())]}
+        out["images"].append(row)
+        print(f"{os.path.basename(path)}: {label} ({100 * float(conf):.1f} %) -> {png}")
+    path = os.path.join(folder, "predictions.json")
+    with open(path, "w") as f:
+        json.dump(out, f, indent=2)
+    print(f"wrote {path}")
+    return out
 
 
 def format_table(results: Dict[str, Any]) -> str:
@@ -193,14 +364,40 @@ def format_table(results: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _resolve_defaults(args):
+    """The default run (no ``--explainers``): :data:`DEFAULT_EXPLAINERS` on :data:`DEFAULT_MAX_IMAGES` images;
+    ``--explainers none``: accuracy only; ``--explain``: intrinsic + Grad-CAM unless ``--explainers`` is given."""
+    from models.explainers import list_explainers
+
+    explicit = args.explainers is not None and args.explainers.strip().lower() not in ("", "none")
+    if args.explainers is not None and not explicit:
+        args.explainers = None
+    elif not explicit:
+        known = set(list_explainers())
+        default = ("intrinsic", "gradcam") if getattr(args, "explain", None) else DEFAULT_EXPLAINERS
+        args.explainers = ",".join(e for e in default if e in known)
+    if args.max_images is None:
+        args.max_images = 200 if explicit else DEFAULT_MAX_IMAGES
+    return args
+
+
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
-    args = build_parser().parse_args(argv)
+    args = _resolve_defaults(build_parser().parse_args(argv))
     try:
         model, dm, src = load_model_and_data(args)
     except (FileNotFoundError, RuntimeError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     out_dir = args.out or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(src))), "eval")
     os.makedirs(out_dir, exist_ok=True)
+    if args.target_layers is not None:  # a clear error now, not after the accuracy pass
+        from models.explainers import resolve_layers
+
+        try:
+            resolve_layers(model, parse_target_layers(args.target_layers))
+        except (ValueError, TypeError) as e:
+            raise SystemExit(f"error: --target-layers {args.target_layers!r}: {e}") from None
+    if args.explain:
+        return explain_files(model, dm, args, out_dir)
     loader = _loader(dm, args.split)
     results: Dict[str, Any] = {"source": src, "split": args.split, "model": type(model).__name__}
     results["accuracy"] = evaluate_accuracy(model, loader, dm.num_classes, dm.multilabel, args.device,

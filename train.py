@@ -26,6 +26,26 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*LeafSpec.*")
 
 
+def _check_bf16(trainer) -> None:
+    """``precision: bf16-mixed`` on a CPU without native bf16 (AVX512-BF16 / AMX) is emulated and slower than fp32:
+    fall back to 32-bit with a note instead of silently training slower."""
+    import torch
+
+    prec = str(trainer.precision or "")
+    if not prec.startswith("bf16") or str(trainer.accelerator) not in ("cpu", "auto", "None"):
+        return
+    if str(trainer.accelerator) == "auto" and torch.cuda.is_available():
+        return
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        native = False
+    if not native:
+        print(f"note: this CPU has no native bf16 (AVX512-BF16/AMX), where bf16 is emulated and slower than fp32: "
+              f"precision {prec} -> 32-true")
+        trainer.precision = "32-true"
+
+
 class ZooCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
@@ -39,6 +59,7 @@ class ZooCLI(LightningCLI):
         trainer = cfg.trainer
         root = trainer.default_root_dir or "checkpoints/run"
         trainer.default_root_dir = root
+        _check_bf16(trainer)
         if trainer.logger in (None, True):  # CSV + TensorBoard by default, next to the checkpoints
             trainer.logger = [
                 {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": root, "name": "logs/csv"}},
@@ -59,6 +80,10 @@ class ZooCLI(LightningCLI):
             print(f"\nbest checkpoint (selected on validation): {best}")
             print(f"last checkpoint (resume with --ckpt_path): {last}")
             print("test: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(res.items())))
+            if best:
+                rel = os.path.relpath(best) if not os.path.relpath(best).startswith("..") else best
+                print(f"\nexplanations (accuracy, metrics table with controls, picture; < 1 min):\n"
+                      f"  python eval.py --checkpoint {rel}")
 
 
 def main(args=None) -> ZooCLI:

@@ -502,10 +502,11 @@ def test_runner_with_zoo_explainers_on_synthetic_benchmark(kind, tmp_path):
 
     torch.manual_seed(0)
     if kind == "2d":
-        ds = SyntheticShapes("val", size=6, num_classes=3, image_size=32)
-        model = models.create_model("baseline", backbone="resnet18", num_classes=3)
+        ds = SyntheticShapes("val", size=6, num_classes=3, image_size=32)  # output stride 8: a 4x4 last stage
+        model = models.create_model("baseline", backbone="resnet18", num_classes=3,
+                                    backbone_kwargs={"output_stride": 8})
     else:
-        ds = SyntheticVolumes("val", size=4, num_classes=2, image_size=16)
+        ds = SyntheticVolumes("val", size=4, num_classes=2, image_size=32)  # 4x4x4 last stage (not degenerate)
         model = models.create_model("baseline", backbone="cnn3d", num_classes=2)
     res = run_interpretability(model, DataLoader(ds, batch_size=3), ["gradcam", "intrinsic"], metrics="all",
                                progress=False, steps=6, examples=2)

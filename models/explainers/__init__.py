@@ -86,6 +86,9 @@ def create_explainer(name: str, model: nn.Module, target_layers=None, **kwargs) 
         model: a zoo model (any ``nn.Module`` mapping images to logits works if ``target_layers`` is given).
         target_layers: ``None`` (``model.cam_target_layer()``), a module name, a tap index
             (``model.backbone.taps[i]``), a module, or a list of them (layer-wise aggregation).
+        reshape_transform (keyword): callable turning the target layer's output into ``(B, C, *spatial)``
+            maps, as in pytorch-grad-cam (e.g. ViT tokens ``(B, 1 + h*w, C)`` -> ``(B, C, h, w)``); default
+            ``model.reshape_transform`` (None for CNNs and the zoo's models, whose taps are maps already).
         **kwargs: method options (e.g. ``max_iter`` for opticam, ``contrast`` for relevance CAMs).
     """
     key = str(name).lower().replace("-", "").replace("_", "")
@@ -97,8 +100,18 @@ def create_explainer(name: str, model: nn.Module, target_layers=None, **kwargs) 
     if key not in _EXPLAINERS:
         raise ValueError(f"Unknown explainer {name!r}. Available: {', '.join(list_explainers())}.")
     factory = _EXPLAINERS[key]
+    reshape = kwargs.pop("reshape_transform", None)
     try:
-        return factory(model, target_layers=target_layers, **kwargs)
+        explainer = factory(model, target_layers=target_layers, **kwargs)
+        if reshape is not None:  # tokens -> maps for user models (e.g. a timm ViT), pytorch-grad-cam's convention
+            if not callable(reshape):
+                raise TypeError(f"reshape_transform must be a callable (tokens -> (B, C, H, W)), got "
+                                f"{type(reshape).__name__}.")
+            explainer.reshape_transform = reshape
+            inner = getattr(explainer, "inner", None)
+            if inner is not None:
+                inner.reshape_transform = reshape
+        return explainer
     except TypeError as e:
         if "unexpected keyword" in str(e):
             raise TypeError(f"explainer {key!r}: {e}. See docs/explainers.md for its options.") from None

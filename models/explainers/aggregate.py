@@ -54,6 +54,7 @@ class HAM(Explainer):
             raise ValueError("HAM: a stage does not lie on the path to the logits (ViT intermediate taps are side "
                              "outputs that the classifier never reads); HAM needs a multi-stage CNN, or pass "
                              "target_layers on the path to the logits.")
+        feats, grads = [self._reshape(f) for f in feats], [self._reshape(g) for g in grads]  # ViT tokens -> maps
         return [normalize_saliency((g * f).float().mean(dim=1).clamp(min=0)) for f, g in zip(feats, grads)]
 
     @staticmethod

@@ -17,7 +17,7 @@ Whatever the caller's state, an explanation is computed
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, List, Optional, Sequence, Union
+from typing import Callable, Iterable, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -180,6 +180,9 @@ class Explainer:
             raise TypeError(f"{self.name}: model must be an nn.Module, got {type(model).__name__}.")
         self.model = model
         self.target_layers: List[nn.Module] = resolve_layers(model, target_layers) if self.uses_layers else []
+        #: tokens -> (B, C, *spatial) maps for the target layers (ViTs); pytorch-grad-cam's convention. Default:
+        #: ``model.reshape_transform``; ``create_explainer(..., reshape_transform=fn)`` sets it per explainer.
+        self.reshape_transform: Optional[Callable[[Tensor], Tensor]] = getattr(model, "reshape_transform", None)
         if self.single_layer and len(self.target_layers) > 1:
             raise ValueError(f"{self.name} explains one layer at a time; got {len(self.target_layers)} target layers.")
         self.last_info: dict = {}
@@ -229,6 +232,17 @@ class Explainer:
 
     def explain(self, x: Tensor, targets: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _reshape(self, t: Tensor) -> Tensor:
+        """Apply :attr:`reshape_transform` to a target-layer output (or its gradient / relevance)."""
+        if self.reshape_transform is None:
+            return t
+        out = self.reshape_transform(t)
+        if not torch.is_tensor(out) or out.dim() not in (4, 5):
+            raise ValueError(f"{self.name}: reshape_transform must return (B, C, H, W) or (B, C, D, H, W) maps, got "
+                             f"{tuple(out.shape) if torch.is_tensor(out) else type(out).__name__} from "
+                             f"{tuple(t.shape)}.")
+        return out
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, layers={len(self.target_layers)})"

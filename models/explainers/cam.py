@@ -65,7 +65,8 @@ class _TorchResize:
         for i, layer in enumerate(self.target_layers):
             if acts[i].ndim not in (4, 5):
                 raise ValueError(f"target layer output has shape {acts[i].shape}; CAMs need (B, C, H, W) or "
-                                 "(B, C, D, H, W) maps (for ViTs use the backbone taps, which are already maps).")
+                                 "(B, C, D, H, W) maps (for ViTs use the backbone taps, which are already maps, or pass "
+                                 "reshape_transform=<tokens -> (B, C, h, w)> to create_explainer).")
             cam = self.get_cam_image(input_tensor, layer, targets, acts[i], grads[i], eigen_smooth)
             out.append(torch.from_numpy(np.ascontiguousarray(cam, dtype=np.float32)))
         return out
@@ -89,7 +90,7 @@ class PackageCAM(Explainer):
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
         x = x.requires_grad_(True)  # gradients reach the layer even if every parameter is frozen
-        cam = self._cls(self.model, target_layers=self.target_layers)
+        cam = self._cls(self.model, target_layers=self.target_layers, reshape_transform=self.reshape_transform)
         try:
             maps = cam(x, targets=[ClassifierOutputTarget(int(c)) for c in targets])
             logits = cam.outputs.detach()
@@ -149,7 +150,7 @@ class CAM(Explainer):
         """``(sum_k W_ck A^k at layer resolution, logits)`` (UCAG protocol)."""
         with torch.no_grad(), capture_outputs(self.target_layers) as cap:
             logits = self.model(x)
-        a = cap.last()[0]
+        a = self._reshape(cap.last()[0])
         if a.shape[1] != self.fc.in_features:
             raise ValueError(f"CAM: the target layer has {a.shape[1]} channels but the classifier expects "
                              f"{self.fc.in_features} features; CAM is only defined at the layer feeding GAP -> fc.")
@@ -188,7 +189,7 @@ class ScoreCAM(Explainer):
     def _raw(self, x: Tensor, targets: Tensor):
         with capture_outputs(self.target_layers) as cap:
             logits0 = self.model(x)
-        acts = cap.last()
+        acts = [self._reshape(a) for a in cap.last()]
         maps = []
         size = x.shape[2:]
         mode = {2: "bilinear", 3: "trilinear"}[x.dim() - 2]
@@ -253,14 +254,26 @@ class AblationCAM(Explainer):
                          "no backbone stage module produces the same map (ViT taps are reshaped tokens); ablate "
                          "the last tap or pass target_layers=<a module on the path to the logits>.")
 
+    def _ablate(self, sub: Tensor, rows: Tensor, channels: Tensor) -> None:
+        """Set channel ``channels[i]`` of item ``rows[i]`` to the ablation value, in place in ``sub`` (the layer's own
+        layout); with a ``reshape_transform`` through the view it returns (ViT tokens: the channel of every token)."""
+        view = self._reshape(sub)
+        view[rows, channels] = self.ablation_value
+        if self.reshape_transform is not None and not bool((self._reshape(sub)[rows, channels]
+                                                            == self.ablation_value).all()):
+            raise ValueError("ablationcam: the reshape_transform returns a copy, so a channel cannot be ablated in the "
+                             "layer's own output; build it from views (slicing, reshape, transpose/permute) or use "
+                             "another explainer.")
+
     @torch.no_grad()
     def explain(self, x: Tensor, targets: Tensor) -> Tensor:
         with capture_outputs(self.target_layers) as cap:
             logits = self.model(x)
         y = gather_logit(logits, targets)
         maps = []
-        for layer, a in zip(self.target_layers, cap.last()):
-            layer = self._on_path(layer, a, x)
+        for layer, raw in zip(self.target_layers, cap.last()):
+            layer = self._on_path(layer, raw, x)
+            a = self._reshape(raw)  # (B, K, *spatial): channels are ablated in this layout
             b, k = a.shape[:2]
             img_idx = torch.arange(b, device=x.device).repeat_interleave(k)
             ch_idx = torch.arange(k, device=x.device).repeat(b)
@@ -268,8 +281,8 @@ class AblationCAM(Explainer):
             for s in range(0, b * k, self.batch_size):
                 sl = slice(s, s + self.batch_size)
                 ii, cc = img_idx[sl], ch_idx[sl]
-                sub = a[ii].clone()
-                sub[torch.arange(len(ii), device=x.device), cc] = self.ablation_value
+                sub = raw[ii].clone()
+                self._ablate(sub, torch.arange(len(ii), device=x.device), cc)
 
                 def hook(module, inp, out, sub=sub):
                     return sub

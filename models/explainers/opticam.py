@@ -66,7 +66,7 @@ class OptiCAM(Explainer):
     def explain(self, x: Tensor, targets: Tensor) -> Tensor:
         with torch.no_grad(), capture_outputs(self.target_layers) as cap:
             logits = self.model(x)
-        a = cap.last()[0].detach().float().clamp(min=0)
+        a = self._reshape(cap.last()[0]).detach().float().clamp(min=0)
         base = gather_logit(logits, targets).detach()
         b, k = a.shape[:2]
         u = torch.full((b, k), 0.5, device=x.device, requires_grad=True)

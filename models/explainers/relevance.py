@@ -286,6 +286,7 @@ class RelevanceCAM(Explainer):
     def explain(self, x: Tensor, targets: Tensor) -> Tensor:
         acts, rels, logits, r0 = layer_relevance(self.model, x, targets, self.target_layers, self.contrast,
                                                  self.eps, self.fold_bn)
+        acts, rels = [self._reshape(a) for a in acts], [self._reshape(r) for r in rels]  # ViT tokens -> maps
         maps, ws = [], []
         for a, r in zip(acts, rels):
             w = self.weights(a, r)
