@@ -33,9 +33,10 @@ from torch import Tensor, nn
 
 from .backbones import Backbone
 from .base import InterpretableClassifier, normalize_saliency
+from .noise import GlobalBatchNoise
 from .registry import register_model
 
-__all__ = ["PICNN", "bernoulli_straight_through", "categorical_straight_through", "gumbel_filter_mask",
+__all__ = ["PICNN", "GlobalBatchNoise", "bernoulli_straight_through", "categorical_straight_through", "gumbel_filter_mask",
            "DEFAULT_FILTER_RATIO"]
 
 #: N / K in the paper (N = 128 filters for CIFAR-10).
@@ -48,7 +49,11 @@ _CLUSTER_RULES = ("argmax", "threshold")
 # ---------------------------------------------------------------------------------------------------
 # Reparameterised samplers (pure functions; tested in tests/test_picnn.py)
 # ---------------------------------------------------------------------------------------------------
-def _uniform(shape, like: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+def _uniform(shape, like: Tensor, generator) -> Tensor:
+    """``U(0, 1)`` draws from ``generator``: a ``torch.Generator``, ``None`` (global RNG) or a
+    :class:`GlobalBatchNoise` (DDP: the rank's rows of draws made for the whole global batch)."""
+    if isinstance(generator, GlobalBatchNoise):
+        return generator.uniform(shape, like)
     return torch.rand(shape, generator=generator, device=like.device, dtype=like.dtype)
 
 
@@ -287,6 +292,11 @@ class PICNN(InterpretableClassifier):
         w = self.fc.weight[classes] * filter_mask.to(h.dtype)
         return torch.relu(torch.einsum("bn...,bn->b...", h, w))
 
+    def _cam_scale(self, h: Tensor, classes: Tensor, filter_mask: Tensor) -> Tensor:
+        """``sum_i |mask_i W[c, i]| |H_i|``: the magnitude :meth:`_cam` sums (noise floor of ``normalize_saliency``)."""
+        w = self.fc.weight[classes] * filter_mask.to(h.dtype)
+        return torch.einsum("bn...,bn->b...", h.abs(), w.abs())
+
     def forward_explain(self, x: Tensor, target: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """``(logits, cluster CAM)``: the CAM of class ``target`` (default: predicted) restricted to the
         filters of that class's cluster (paper Fig. 7 b), normalised to [0, 1] at input resolution."""
@@ -294,7 +304,7 @@ class PICNN(InterpretableClassifier):
         logits = self.head(h)
         c = self.resolve_target(logits, target)
         A = self.cluster_assignment()
-        return logits, normalize_saliency(self._cam(h, c, A[c]), x.shape[2:])
+        return logits, normalize_saliency(self._cam(h, c, A[c]), x.shape[2:], scale=self._cam_scale(h, c, A[c]))
 
     def cluster_cams(self, x: Tensor, target: Optional[Tensor] = None) -> Dict[str, Tensor]:
         """Paper Fig. 7 a/b/c: CAMs of class ``target`` from ``all`` filters, its ``cluster`` and the
@@ -305,11 +315,19 @@ class PICNN(InterpretableClassifier):
         keep = self.cluster_assignment()[c]
         out = {"logits": logits, "target": c}
         for name, m in (("all", torch.ones_like(keep)), ("cluster", keep), ("complement", ~keep)):
-            out[name] = normalize_saliency(self._cam(h, c, m), x.shape[2:])
+            out[name] = normalize_saliency(self._cam(h, c, m), x.shape[2:], scale=self._cam_scale(h, c, m))
         return out
 
     def cam_target_layer(self) -> nn.Module:
         return self.target_tap
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """New ``fc`` (N -> K) and a fresh ``P`` (K, N); the target layer (its N filters) is kept."""
+        super().reset_classifier(num_classes)
+        self.p_logits = nn.Parameter(self._init_p_raw(self.num_classes, self.num_filters).to(self.p_logits))
+
+    def rebuild_kwargs(self) -> Dict[str, object]:
+        return {"num_filters": self.num_filters} if self.target_layer == "new" else {}
 
 
 _METRIC_NAMES = ("PICNNMetrics", "mutual_information_score", "evaluate_picnn")

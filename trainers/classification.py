@@ -12,6 +12,7 @@ every recipe of the papers is a YAML file (see ``configs/``)::
 from __future__ import annotations
 
 import math
+import os
 import re
 from typing import Any, Dict, List, Optional
 
@@ -22,9 +23,11 @@ import torchmetrics
 from torch import Tensor, nn
 
 from models import create_model
+from models.noise import GlobalBatchNoise
 from models.weights import load_weights
 
-__all__ = ["ClassificationModule", "build_optimizer", "build_scheduler", "load_module", "load_datamodule", "read_checkpoint"]
+__all__ = ["ClassificationModule", "build_optimizer", "build_scheduler", "load_module", "load_datamodule", "read_checkpoint",
+           "register_trainer_class", "allowed_classes", "resolve_class"]
 
 _OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 _SCHEDULERS = ("none", "step", "multistep", "cosine", "poly")
@@ -110,7 +113,10 @@ class ClassificationModule(pl.LightningModule):
         checkpoint_path: weights to start from (zoo checkpoint, state dict or safetensors). Loading a
             plain baseline checkpoint into a mechanism is allowed (only the mechanism's keys start
             fresh; everything else must match, and every key is reported).
-        reset_head: with ``checkpoint_path``, do not load the classifier (``fc.*``): fine-tune on new classes.
+        reset_head: with ``checkpoint_path``, load everything with the checkpoint's own class count, then
+            ``model.reset_classifier(num_classes)`` (:func:`models.finetune.create_finetune_model`): fine-tune
+            on new classes. Saved checkpoints are portable: they do not re-read ``checkpoint_path`` /
+            ``backbone_weights`` / hub weights when loaded (see :meth:`on_save_checkpoint`).
         label_smoothing: for single-label cross-entropy.
     """
 
@@ -125,9 +131,14 @@ class ClassificationModule(pl.LightningModule):
         kwargs = dict(model_kwargs or {})
         if in_chans is not None:
             kwargs.setdefault("in_chans", in_chans)
-        self.model = create_model(model, num_classes=num_classes, **kwargs)
-        if checkpoint_path:
-            load_weights(self.model, checkpoint_path, skip=("fc.",) if reset_head else ())
+        if checkpoint_path and reset_head:
+            from models.finetune import create_finetune_model
+
+            self.model = create_finetune_model(model, checkpoint_path, num_classes, **kwargs)
+        else:
+            self.model = create_model(model, num_classes=num_classes, **kwargs)
+            if checkpoint_path:
+                load_weights(self.model, checkpoint_path)
         self.num_classes, self.multilabel = num_classes, multilabel
         self.optimizer_cfg = dict(optimizer or {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05})
         self.param_groups_cfg = list(param_groups or [])
@@ -182,6 +193,14 @@ class ClassificationModule(pl.LightningModule):
     def on_train_epoch_start(self) -> None:
         self.eval_frozen()
 
+    def global_batch_noise(self) -> GlobalBatchNoise:
+        """Per-sample noise of this training step, independent of the DDP split (``models/noise.py``):
+        a function of (``seed_everything`` seed, global step, position in the global batch)."""
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        t = self._trainer
+        rank, world = (t.global_rank, t.world_size) if t is not None else (0, 1)
+        return GlobalBatchNoise(seed, self.global_step, rank, world)
+
     # ---- steps ----------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
@@ -235,6 +254,22 @@ class ClassificationModule(pl.LightningModule):
             checkpoint["zoo"]["datamodule_hparams"] = {k: v for k, v in dm.hparams.items() if not k.startswith("_")}
         # RNG state, so stochastic mechanisms (PICNN sampling, dropout) resume exactly
         checkpoint["zoo"]["torch_rng_state"] = torch.get_rng_state()
+        # portable: the weights are in this file, so loading it (load_from_checkpoint, load_module) must not
+        # re-read the files the run started from (parent checkpoint, backbone file) nor the hub
+        hp = checkpoint.get("hyper_parameters")
+        if isinstance(hp, dict):
+            hp = dict(hp)
+            mk = dict(hp.get("model_kwargs") or {})
+            checkpoint["zoo"]["started_from"] = {"checkpoint_path": hp.get("checkpoint_path"),
+                                                 "backbone_weights": mk.get("backbone_weights"),
+                                                 "pretrained": mk.get("pretrained")}
+            mk.pop("backbone_weights", None)
+            if "pretrained" in mk:
+                mk["pretrained"] = False
+            rebuild = getattr(self.model, "rebuild_kwargs", None)  # e.g. PICNN keeps N filters after a reset
+            mk.update(rebuild() if callable(rebuild) else {})
+            hp.update(checkpoint_path=None, model_kwargs=mk)
+            checkpoint["hyper_parameters"] = hp
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         state = (checkpoint.get("zoo") or {}).get("torch_rng_state")
@@ -268,52 +303,195 @@ def _fully_frozen_modules(module: nn.Module) -> List[nn.Module]:
     return [m for child in module.children() for m in _fully_frozen_modules(child)]
 
 
-def _import(path: str):
-    import importlib
+# ---- rebuilding a module / DataModule from a checkpoint: an allow-list, never an import of a stored name ----
+#: classes defined outside the ``trainers`` package that were registered with :func:`register_trainer_class`
+_EXTRA_CLASSES: Dict[str, type] = {}
+_LOAD_FAILURES: List[str] = []
 
-    mod, _, name = path.rpartition(".")
-    return getattr(importlib.import_module(mod), name)
+
+def class_path(cls: type) -> str:
+    """``module.QualName`` of a class (what ``on_save_checkpoint`` records)."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def register_trainer_class(cls: type) -> type:
+    """Decorator: allow a ``ClassificationModule`` / ``ZooDataModule`` subclass defined *outside* the ``trainers``
+    package to be rebuilt from checkpoints. Subclasses defined inside ``trainers/`` are allowed automatically."""
+    from trainers.data.datamodules import ZooDataModule
+
+    if not (isinstance(cls, type) and issubclass(cls, (ClassificationModule, ZooDataModule))):
+        raise TypeError(f"register_trainer_class accepts ClassificationModule / ZooDataModule subclasses, got {cls!r}.")
+    _EXTRA_CLASSES[class_path(cls)] = cls
+    return cls
+
+
+def _ensure_trainers_loaded() -> None:
+    """Import every module of the ``trainers`` package once (the list comes from the files on disk, never from a
+    checkpoint), so that every project class has joined the allow-list; import failures are remembered."""
+    import importlib
+    import pkgutil
+    import sys
+
+    import trainers
+
+    for info in pkgutil.walk_packages(trainers.__path__, "trainers.", onerror=lambda name: None):
+        if info.name in sys.modules or info.name in {f.split(" ")[0] for f in _LOAD_FAILURES}:
+            continue
+        try:
+            importlib.import_module(info.name)
+        except Exception as e:  # a broken optional module must not hide the others
+            from models.weights import describe_error
+
+            _LOAD_FAILURES.append(f"{info.name} ({describe_error(e)})")
+
+
+def allowed_classes(base: type) -> Dict[str, type]:
+    """The allow-list: ``class path -> class`` for every public subclass of ``base`` (``ClassificationModule`` or
+    ``ZooDataModule``) defined in the ``trainers`` package, plus the explicitly registered ones."""
+    _ensure_trainers_loaded()
+    out, stack = {}, [base]
+    while stack:
+        c = stack.pop()
+        stack.extend(c.__subclasses__())
+        if c.__module__.split(".")[0] == "trainers" and not c.__name__.startswith("_"):
+            out[class_path(c)] = c
+    out.update({k: v for k, v in _EXTRA_CLASSES.items() if issubclass(v, base)})
+    return out
+
+
+def resolve_class(path: Any, base: type, field: str) -> type:
+    """Look ``path`` up in the allow-list of ``base`` (re-exports such as ``trainers.data.X`` are accepted);
+    anything else is refused with an error naming ``field``. Nothing is imported from ``path``."""
+    import sys
+
+    if not isinstance(path, str):
+        raise ValueError(f"{field} must be a class path string, got {type(path).__name__}.")
+    allowed = allowed_classes(base)
+    cls = allowed.get(path)
+    if cls is None:  # a re-export of an allowed class by an already-imported module of the package
+        mod, _, name = path.rpartition(".")
+        owner = sys.modules.get(mod) if mod.split(".")[0] == "trainers" else None
+        cand = getattr(owner, name, None) if owner is not None else None
+        cls = cand if isinstance(cand, type) and cand in allowed.values() else None
+    if cls is None:
+        raise ValueError(
+            f"{field}={path!r} is not a {base.__name__} of this project; refusing to import it (a checkpoint or "
+            f"config can only name the zoo's own classes). Allowed: {', '.join(sorted(allowed))}."
+            + (f" Modules that failed to import: {'; '.join(_LOAD_FAILURES)}." if _LOAD_FAILURES else "")
+            + f" Classes defined outside trainers/ join with @register_trainer_class.")
+    return cls
+
+
+def accepted_kwargs(cls: type) -> List[str]:
+    """Keyword names ``cls(...)`` accepts, following ``**kwargs`` up the MRO to the first closed signature."""
+    import inspect
+
+    names: set = set()
+    for c in cls.__mro__:
+        if "__init__" not in vars(c):
+            continue
+        params = list(inspect.signature(c.__init__).parameters.values())[1:]
+        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
+    return sorted(names)
+
+
+def check_kwargs(cls: type, given: Any, field: str) -> Dict[str, Any]:
+    """``given`` must be a dict whose keys ``cls`` accepts; return it without private (``_``) keys."""
+    if not isinstance(given, dict):
+        raise ValueError(f"{field} must be a dict, got {type(given).__name__}.")
+    given = {k: v for k, v in given.items() if not (isinstance(k, str) and k.startswith("_"))}
+    ok = accepted_kwargs(cls)
+    bad = sorted(str(k) for k in given if k not in ok)
+    if bad:
+        raise ValueError(f"{field} has unknown keys {bad} for {cls.__name__} (accepted: {', '.join(ok)}). The file "
+                         "was written by another version of the zoo or edited; it is not loaded.")
+    return given
 
 
 def read_checkpoint(path: str) -> Dict[str, Any]:
     """Read a Lightning checkpoint safely (``weights_only=True``) with a clear error."""
     import os
 
+    from models.weights import describe_error
+
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Checkpoint {path!r} does not exist. Train one first: "
                                 "python train.py fit --config configs/baseline/synthetic.yaml")
+    if os.path.getsize(path) == 0:
+        raise RuntimeError(f"Checkpoint {path!r} is empty (0 bytes): an interrupted copy or save. "
+                           "Use another checkpoint of the run (best.ckpt / last.ckpt).")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise RuntimeError(f"Could not read checkpoint {path!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+        raise RuntimeError(f"Could not read checkpoint {path!r} ({describe_error(e)}). "
                            "It is corrupted or truncated, or holds pickled objects that are not loaded for safety.") from None
+    if not isinstance(ckpt, dict):
+        raise RuntimeError(f"Checkpoint {path!r} is not a Lightning checkpoint (a {type(ckpt).__name__}, not a dict).")
+    return ckpt
 
 
-def load_module(path: str, **overrides) -> ClassificationModule:
-    """Rebuild the LightningModule of a zoo checkpoint (class + hyper-parameters) and load its weights.
+def module_spec(ckpt: Dict[str, Any], **overrides) -> tuple:
+    """``(class, kwargs)`` of the LightningModule of a checkpoint read by :func:`read_checkpoint`, validated:
+    the class is on the allow-list, every hyper-parameter is a known argument, and the model kwargs point timm
+    at no file. Weights come from the checkpoint, so ``pretrained``/``backbone_weights``/``checkpoint_path``
+    of the original run are not re-read."""
+    from models.registry import check_model_kwargs
 
-    Weights come from the checkpoint, so ``pretrained``/``backbone_weights``/``checkpoint_path`` of the
-    original run are not re-read.
-    """
-    ckpt = read_checkpoint(path)
-    hp = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if not k.startswith("_")}
-    cls_path = (ckpt.get("zoo") or {}).get("module_class", "trainers.classification.ClassificationModule")
+    zoo = ckpt.get("zoo") or {}
+    if not isinstance(zoo, dict):
+        raise ValueError(f"checkpoint field 'zoo' must be a dict, got {type(zoo).__name__}.")
+    cls = resolve_class(zoo.get("module_class", class_path(ClassificationModule)), ClassificationModule,
+                        "zoo.module_class")
+    hp = check_kwargs(cls, ckpt.get("hyper_parameters") or {}, "hyper_parameters")
     hp.update(overrides)
     hp["checkpoint_path"] = None
     mk = dict(hp.get("model_kwargs") or {})
+    check_model_kwargs(mk, "hyper_parameters.model_kwargs")
     mk["pretrained"] = False
     mk.pop("backbone_weights", None)
     hp["model_kwargs"] = mk
-    module = _import(cls_path)(**hp)
-    load_weights(module.model, ckpt["state_dict"], verbose=False)
+    return cls, hp
+
+
+def check_checkpoint(ckpt: Dict[str, Any]) -> None:
+    """Validate all that :func:`load_module` / :func:`load_datamodule` would build from ``ckpt`` (building nothing)."""
+    from trainers.data.datamodules import ZooDataModule
+
+    module_spec(ckpt)
+    zoo = ckpt.get("zoo") or {}
+    if "datamodule_class" in zoo:
+        cls = resolve_class(zoo["datamodule_class"], ZooDataModule, "zoo.datamodule_class")
+        check_kwargs(cls, zoo.get("datamodule_hparams") or {}, "zoo.datamodule_hparams")
+
+
+def load_module(path: str, **overrides) -> ClassificationModule:
+    """Rebuild the LightningModule of a zoo checkpoint (allowed class + known hyper-parameters) and load its
+    weights; every parameter must be in the file (a missing mechanism is an error, not random weights)."""
+    ckpt = read_checkpoint(path)
+    cls, hp = module_spec(ckpt, **overrides)
+    if not isinstance(ckpt.get("state_dict"), dict):
+        raise RuntimeError(f"Checkpoint {path!r} has no state_dict (saved with weights of nothing?).")
+    module = cls(**hp)
+    load_weights(module.model, ckpt["state_dict"], verbose=False, allow_fresh_mechanism=False)
     module.eval()
     return module
 
 
+def datamodule_from_spec(cls_path: Any, hparams: Any, class_field: str, kwargs_field: str, **overrides):
+    """Build an allowed ``ZooDataModule`` from a class path and keyword arguments (checkpoint or YAML)."""
+    from trainers.data.datamodules import ZooDataModule
+
+    cls = resolve_class(cls_path, ZooDataModule, class_field)
+    hp = check_kwargs(cls, hparams if hparams is not None else {}, kwargs_field)
+    return cls(**{**hp, **overrides})
+
+
 def load_datamodule(path: str, **overrides):
-    """Rebuild the DataModule a checkpoint was trained with (``None`` if not recorded)."""
+    """Rebuild the DataModule a checkpoint was trained with (``None`` if not recorded); allow-listed classes only."""
     zoo = read_checkpoint(path).get("zoo") or {}
-    if "datamodule_class" not in zoo:
+    if not isinstance(zoo, dict) or "datamodule_class" not in zoo:
         return None
-    hp = {k: v for k, v in zoo["datamodule_hparams"].items() if not k.startswith("_")}
-    return _import(zoo["datamodule_class"])(**{**hp, **overrides})
+    return datamodule_from_spec(zoo["datamodule_class"], zoo.get("datamodule_hparams") or {}, "zoo.datamodule_class",
+                                "zoo.datamodule_hparams", **overrides)

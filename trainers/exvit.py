@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.exvit import ExViT, balance_loss, discriminability_loss, ema_update_, momentum_copy
+from models.noise import GlobalBatchNoise
 
 from .classification import ClassificationModule
 
@@ -53,8 +54,11 @@ def random_scale_crop_flip(x: Tensor, scale: Sequence[float] = (0.5, 2.0), crop:
     if fill is None:
         fill = torch.tensor([0.485, 0.456, 0.406] if C == 3 else [0.5] * C)
     fill = fill.to(x.device, x.dtype).reshape(1, C, 1, 1)
-    dev = generator.device if generator is not None else "cpu"
-    u = torch.rand(B, 4, generator=generator, device=dev).cpu()
+    if isinstance(generator, GlobalBatchNoise):  # DDP-split-independent draws (models/noise.py)
+        u = generator.uniform((B, 4), x).float().cpu()
+    else:
+        dev = generator.device if generator is not None else "cpu"
+        u = torch.rand(B, 4, generator=generator, device=dev).cpu()
     out = x.new_empty(B, C, ch, cw)
     mout = mask.new_empty(B, ch, cw) if mask is not None else None
     for i in range(B):
@@ -118,7 +122,7 @@ class ExViTModule(ClassificationModule):
                  multilabel: bool = True, in_chans: Optional[int] = None,
                  optimizer: Optional[Dict[str, Any]] = None, param_groups: Optional[List[Dict[str, Any]]] = None,
                  scheduler: Optional[Dict[str, Any]] = None, freeze: Optional[List[str]] = None,
-                 checkpoint_path: Optional[str] = None, label_smoothing: float = 0.0,
+                 checkpoint_path: Optional[str] = None, label_smoothing: float = 0.0, reset_head: bool = False,
                  alpha: float = 0.5, beta: float = 1.0, gamma: float = 0.0, momentum: float = 0.996,
                  encoder_lr: float = 5e-5,
                  aug_scale: Sequence[float] = (0.5, 2.0), aug_flip: float = 0.5,
@@ -126,7 +130,7 @@ class ExViTModule(ClassificationModule):
         optimizer = dict(optimizer or {"name": "adamw", "lr": 5e-4, "weight_decay": 0.01})
         scheduler = scheduler if scheduler is not None else {"name": "poly", "power": 0.9, "interval": "step"}
         super().__init__(model, model_kwargs, num_classes, multilabel, in_chans, optimizer, param_groups, scheduler,
-                         freeze, checkpoint_path, label_smoothing)
+                         freeze, checkpoint_path, reset_head=reset_head, label_smoothing=label_smoothing)
         if not isinstance(self.model, ExViT):
             raise TypeError(f"ExViTModule trains the 'exvit' model, got {type(self.model).__name__}; use "
                             "trainers.classification.ClassificationModule for other models.")
@@ -196,13 +200,14 @@ class ExViTModule(ClassificationModule):
         if stage != "train":
             logits = self.model(x)
             return {"loss": self.classification_loss(logits, y), "logits": logits}
-        v1 = random_scale_crop_flip(x, fill=self._fill(), **self.aug)
+        noise = self.global_batch_noise()
+        v1 = random_scale_crop_flip(x, fill=self._fill(), generator=noise, **self.aug)
         out = self.model.forward_train(v1)
         l_global = self.classification_loss(out["logits"], y)                 # (4.12)
         loss = l_global
         res = {"logits": out["logits"], "global": l_global.detach()}
         if self.alpha > 0:
-            v2 = random_scale_crop_flip(x, fill=self._fill(), **self.aug)
+            v2 = random_scale_crop_flip(x, fill=self._fill(), generator=noise, **self.aug)
             self._sync_momentum_device()
             mb = self._momentum[0].eval()
             u2 = mb.attribute_pool(v2)                                           # ξ branch, no gradient

@@ -18,7 +18,7 @@ Validation/test log deterministic, label-free ``acc2`` (only the predicted class
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -32,8 +32,13 @@ _SAMPLE_MODES = ("matched", "all")
 
 
 def picnn_loss(out: Dict[str, Tensor], labels: Tensor, lambda_int: float = 2.0,
-               int_loss_samples: str = "matched") -> Dict[str, Tensor]:
-    """Eq. 3 from :meth:`PICNN.forward_train` outputs; returns ``loss``, ``l_dis``, ``l_int``, ``matched``."""
+               int_loss_samples: str = "matched", matched_norm: Optional[Tensor] = None) -> Dict[str, Tensor]:
+    """Eq. 3 from :meth:`PICNN.forward_train` outputs; returns ``loss``, ``l_dis``, ``l_int``, ``matched``.
+
+    ``matched_norm``: under DDP, ``max(matched samples of the global batch, 1) / world_size`` (the trainer
+    all-reduces it), so that the ranks' averaged gradients equal one process's mean over the matched samples
+    of the whole global batch (a per-rank mean would weight ranks with few matches up).
+    """
     if int_loss_samples not in _SAMPLE_MODES:
         raise ValueError(f"int_loss_samples={int_loss_samples!r}; choose one of {_SAMPLE_MODES}.")
     l_dis = F.cross_entropy(out["logits"], labels)
@@ -44,7 +49,8 @@ def picnn_loss(out: Dict[str, Tensor], labels: Tensor, lambda_int: float = 2.0,
     ce = F.cross_entropy(out["logits_int"], labels, reduction="none")
     match = (out["pseudo_label"] == labels).to(ce.dtype)
     if int_loss_samples == "matched":
-        l_int = (match * ce).sum() / match.sum().clamp_min(1.0)
+        denom = match.sum().clamp_min(1.0) if matched_norm is None else matched_norm.to(ce.dtype)
+        l_int = (match * ce).sum() / denom
     else:
         l_int = ce.mean()
     res.update(loss=l_dis + lambda_int * l_int, l_int=l_int.detach(), matched=match.mean())
@@ -81,10 +87,10 @@ class PICNNModule(ClassificationModule):
             raise ValueError("PICNN is single-label (one class cluster per image); use a single-label DataModule.")
         if stage == "train":
             if self.lambda_int > 0:
-                out = self.model.forward_train(x)
+                out = self.model.forward_train(x, generator=self.global_batch_noise())
             else:
                 out = {"logits": self.model(x)}
-            res = picnn_loss(out, y, self.lambda_int, self.int_loss_samples)
+            res = picnn_loss(out, y, self.lambda_int, self.int_loss_samples, self._matched_norm(out, y))
             res["logits"] = out["logits"]
             if "logits_int" in out:
                 res["acc2_sampled"] = (out["logits_int"].argmax(1) == y).float().mean()
@@ -94,6 +100,15 @@ class PICNNModule(ClassificationModule):
         return {"loss": F.cross_entropy(logits, y), "logits": logits,
                 "acc2": (ev["logits_cluster"].argmax(1) == y).float().mean(),
                 "acc3": (ev["logits_complement"].argmax(1) == y).float().mean()}
+
+    def _matched_norm(self, out: Dict[str, Tensor], y: Tensor) -> Optional[Tensor]:
+        """``max(global matched count, 1) / world_size`` under DDP (see :func:`picnn_loss`); None otherwise."""
+        t = self._trainer
+        if self.int_loss_samples != "matched" or "pseudo_label" not in out or t is None or t.world_size == 1:
+            return None
+        n = (out["pseudo_label"] == y).sum().detach().float()
+        total = self.all_gather(n).sum()
+        return total.clamp_min(1.0) / t.world_size
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         self.model.project_parameters_()  # projected step for p_param="clamp" (no-op otherwise)

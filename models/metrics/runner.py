@@ -30,8 +30,11 @@ import torch
 from torch import Tensor, nn
 
 from .faithfulness import (AverageDrop, AverageGain, AverageIncrease, DeletionAUC, InsertionAUC, _score,
-                           check_saliency, class_scores, default_steps, masked_images, perturbation_curves)
+                           check_saliency, class_scores, curve_auc, default_steps, masked_images,
+                           perturbation_curves)
+from .degenerate import MIN_NATIVE_SIDE, constant_maps, is_coarse, map_status, native_resolution
 from .localization import EnergyPointingGame, PointingGame, Runtime, SaliencyIoU, boxes_to_mask, class_masks
+from .extra import EXTRA_ALIASES, EXTRA_METRIC_INFO, EXTRA_METRICS, build_extra_metric
 
 __all__ = ["run_interpretability", "InterpretabilityResults", "METRICS", "METRIC_INFO", "parse_metrics",
            "SANITY_EXPLAINERS"]
@@ -46,6 +49,8 @@ METRICS = tuple(k for k in METRIC_INFO if not k.startswith("time"))
 _ALIASES = {"insertion": "ins", "deletion": "del", "pointing": "pg", "pointing_game": "pg", "energy": "epg",
             "iou": "miou", "runtime": "time", "t": "time", "time_batch": "time", "average_drop": "ad", "average_gain": "ag",
             "average_increase": "ai"}
+METRIC_INFO.update(EXTRA_METRIC_INFO)  # issue-18 metrics (models/metrics/extra.py), not part of "all"
+_ALIASES.update(EXTRA_ALIASES)
 _LOCALIZATION = ("pg", "epg", "miou")
 SANITY_EXPLAINERS = ("random", "fakecam")
 
@@ -53,13 +58,16 @@ SANITY_EXPLAINERS = ("random", "fakecam")
 class InterpretabilityResults(dict):
     """``{explainer: {metric: value}}`` (a plain dict, JSON-serialisable) with extras as attributes:
 
-    ``meta`` (protocol, counts), ``curves`` (``{explainer: {"ins"|"del": mean curve}}``) and
+    ``meta`` (protocol, counts), ``per_item`` (``{explainer: {metric: [value per item, x100]}}`` in item
+    order, NaN for localisation items without ground truth; for paired intervals, ``models.metrics.stats``),
+    ``curves`` (``{explainer: {"ins"|"del": mean curve}}``) and
     ``examples`` (``{"images", "targets", "masks", "maps": {explainer: maps}}`` for the first items).
     """
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.meta: dict = {}
+        self.per_item: Dict[str, Dict[str, List[float]]] = {}
         self.curves: Dict[str, Dict[str, List[float]]] = {}
         self.examples: dict = {}
 
@@ -144,9 +152,48 @@ def _items(logits: Tensor, label: Tensor, target: str, correct_only: bool) -> Tu
     return idx, cls, True
 
 
+def _align_per_item(pi: Dict[str, List[float]], n0: Dict[str, int], keep: Tensor) -> None:
+    """Put NaN in the per-item lists where a map was not scored (constant map, refused metric), so every
+    list of ``pi`` stays aligned with the items: entries appended since ``n0`` cover the kept items only."""
+    kept = keep.tolist()
+    for k, start in n0.items():
+        vals = pi.setdefault(k, [])
+        new = vals[start:]
+        del vals[start:]
+        it = iter(new) if len(new) == sum(kept) else iter(())
+        vals.extend(next(it, float("nan")) if kk else float("nan") for kk in kept)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _gather_ranks(per_item: Dict[str, Dict[str, List[float]]], counts: Tuple[int, ...], degen: Dict[str, dict]):
+    """Under DDP (``torch.distributed`` initialised), every rank gets the per-item values of all ranks in rank
+    order (rank 0's items first, as torchmetrics' ``cat`` states), the summed counts and constant-map counts.
+    The metric values themselves are synced by torchmetrics in ``compute()``. A no-op in one process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return per_item, counts, degen
+    gathered: List[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (per_item, counts, {n: d["n_constant"] for n, d in degen.items()}))
+    merged: Dict[str, Dict[str, List[float]]] = {}
+    for pi, _, _ in gathered:
+        for name, by_metric in pi.items():
+            for k, vals in by_metric.items():
+                merged.setdefault(name, {}).setdefault(k, []).extend(vals)
+    total = tuple(sum(g[1][i] for g in gathered) for i in range(len(counts)))
+    for n in degen:
+        degen[n]["n_constant"] = sum(g[2].get(n, 0) for g in gathered)
+    return merged, total, degen
+
+
+def _synced_curve(metric) -> List[float]:
+    """Mean insertion/deletion curve over all ranks (torchmetrics only syncs inside ``compute``)."""
+    with metric.sync_context(should_sync=metric._to_sync if hasattr(metric, "_to_sync") else True):
+        return metric.mean_curve().tolist()
 
 
 def run_interpretability(model: nn.Module, dataloader: Iterable, explainers, metrics=("ad", "ag", "ai", "ins", "del",
@@ -156,7 +203,7 @@ def run_interpretability(model: nn.Module, dataloader: Iterable, explainers, met
                          insertion_baseline="blur", deletion_baseline="black", tolerance_px: int = 0,
                          iou_threshold: Union[str, float] = "mean_std", score: str = "auto",
                          target_layers=None, explainer_kwargs: Optional[Dict[str, dict]] = None,
-                         examples: int = 0) -> InterpretabilityResults:
+                         examples: int = 0, min_native_side: int = MIN_NATIVE_SIDE) -> InterpretabilityResults:
     """Evaluate ``explainers`` with ``metrics`` on (at most ``max_images`` images of) ``dataloader``.
 
     Returns :class:`InterpretabilityResults`: ``{explainer: {metric: value, "time": ms per explanation,
@@ -164,6 +211,11 @@ def run_interpretability(model: nn.Module, dataloader: Iterable, explainers, met
     ``steps``: insertion/deletion steps (default ``ceil(sqrt(#pixels))``); ``max_batch``: images per
     forward call of the insertion/deletion curves; ``examples``: keep the maps of the first items for
     :func:`models.metrics.save_overlay_grid`.
+
+    Degenerate maps (:mod:`models.metrics.degenerate`): a constant (e.g. all-zero) map is not scored (its
+    per-item values are NaN and ``meta["maps"][explainer]["n_constant"]`` counts them); localisation metrics are refused (NaN)
+    for explainers whose native resolution has a side below ``min_native_side`` (default 4; 0 disables).
+    ``res.meta["maps"][explainer]`` holds ``native_resolution``, ``n_constant`` and a readable ``status``.
     """
     if target not in ("label", "pred"):
         raise ValueError(f"target must be 'label' (ground truth) or 'pred' (predicted class), got {target!r}.")
@@ -182,9 +234,12 @@ def run_interpretability(model: nn.Module, dataloader: Iterable, explainers, met
               "del": DeletionAUC(steps=step_count, baseline=deletion_baseline, max_batch=max_batch),
               "pg": PointingGame(tolerance_px=tolerance_px), "epg": EnergyPointingGame(),
               "miou": SaliencyIoU(threshold=iou_threshold), "time": Runtime()}
+        ms.update({k: build_extra_metric(k, max_batch=max_batch) for k in keys if k in EXTRA_METRICS})
         return {k: ms[k].to(device) for k in keys}
 
     state: Dict[str, Dict[str, object]] = {}
+    per_item: Dict[str, Dict[str, List[float]]] = {}  # {explainer: {metric: per-item values x100}}
+    degen: Dict[str, dict] = {n: {"n_constant": 0} for n in names}  # native resolution, constant maps
     n_images = n_items = skipped = 0
     resolved_steps = resolved_score = spatial = None
     ex = {"images": [], "targets": [], "masks": [], "maps": {n: [] for n in names}}
@@ -254,29 +309,66 @@ def run_interpretability(model: nn.Module, dataloader: Iterable, explainers, met
                 maps = check_saliency(maps.detach(), xi, f"explainer {name!r} output")
                 if keep_ex:
                     ex["maps"][name].append(maps[:keep_ex].cpu())
+                pi = per_item.setdefault(name, {})
+                dg = degen[name]
+                if "native_resolution" not in dg:
+                    dg["native_resolution"] = native_resolution(fn, model, xi)
+                coarse = is_coarse(dg["native_resolution"], min_native_side)
+                keep = ~constant_maps(maps)  # constant / all-zero maps are not scored
+                dg["n_constant"] += int((~keep).sum())
+                n0 = {k: len(pi.get(k, [])) for k in keys if not k.startswith("time")}
+                if not keep.any():
+                    _align_per_item(pi, n0, keep)
+                    continue
+                xs, ts, ps, gs = xi, ti, p, gt
+                if not keep.all():
+                    xs, ts, ps, maps = xi[keep], ti[keep], p[keep], maps[keep]
+                    gs = gt[keep] if gt is not None else None
                 if any(k in keys for k in ("ad", "ai", "ag")):
-                    o = class_scores(model, masked_images(xi, maps), ti, resolved_score)
+                    o = class_scores(model, masked_images(xs, maps), ts, resolved_score)
                     for k in ("ad", "ai", "ag"):
                         if k in ms:
-                            ms[k].update(p, o)
+                            ms[k].update(ps, o)
+                            pi.setdefault(k, []).extend((100.0 * ms[k].per_item(ps.double(), o.double())).tolist())
                 for k, mode in (("ins", "insertion"), ("del", "deletion")):
                     if k in ms:
-                        ms[k].update(perturbation_curves(model, xi, maps, ti, mode, resolved_steps,
-                                                         ms[k].baseline, max_batch, resolved_score))
+                        curves = perturbation_curves(model, xs, maps, ts, mode, resolved_steps, ms[k].baseline,
+                                                     max_batch, resolved_score)
+                        ms[k].update(curves)
+                        pi.setdefault(k, []).extend((100.0 * curve_auc(curves.double())).tolist())
                 for k in _LOCALIZATION:
-                    if k in ms:
-                        ms[k].update(maps, gt)
+                    if k in ms and not coarse:  # coarse maps: localisation refused (module degenerate.py)
+                        ms[k].update(maps, gs)
+                        v = 100.0 * ms[k].per_item(maps, gs.bool()).double()
+                        v[~gs.flatten(1).any(1)] = float("nan")  # no ground truth: not scored
+                        pi.setdefault(k, []).extend(v.tolist())
+                if any(k in EXTRA_METRICS for k in keys):  # issue-18 metrics (models/metrics/extra.py)
+                    sub = idx[keep]
+                    ctx = dict(model=model, images=xs, maps=maps, targets=ts, p=ps, logits=logits[sub], explainer=fn,
+                               score=resolved_score, **{g: batch[g].to(device)[sub] if batch.get(g) is not None
+                                                        else None for g in ("mask", "boxes")})
+                    for k in (k for k in keys if k in EXTRA_METRICS):
+                        n_before = ms[k].per_item().numel()
+                        ms[k].update_from_context(ctx)
+                        if k != "boxacc":  # BoxAcc's per-item value depends on the dataset's best threshold
+                            pi.setdefault(k, []).extend((ms[k].scale * ms[k].per_item()[n_before:]).tolist())
+                _align_per_item(pi, n0, keep)
             if bar is not None:
                 bar.update(B)
     finally:
         if bar is not None:
             bar.close()
 
+    per_item, (n_images, n_items, skipped), degen = _gather_ranks(per_item, (n_images, n_items, skipped), degen)
     res = InterpretabilityResults()
+    res.per_item = per_item
     for name in names:
         row = {}
         for k in keys:
             if name not in state:
+                row[k] = float("nan")
+                continue
+            if k != "time" and getattr(state[name][k], "update_count", 1) == 0:  # refused / nothing scored
                 row[k] = float("nan")
                 continue
             v = float(state[name][k].compute())
@@ -286,7 +378,7 @@ def run_interpretability(model: nn.Module, dataloader: Iterable, explainers, met
         row["n"] = n_items
         res[name] = row
         if name in state:
-            res.curves[name] = {k: state[name][k].mean_curve().tolist() for k in ("ins", "del") if k in keys}
+            res.curves[name] = {k: _synced_curve(state[name][k]) for k in ("ins", "del") if k in keys}
     num_classes = getattr(model, "num_classes", None)
     res.meta = {
         "n_images": n_images, "n_items": n_items, "skipped_no_gt": skipped,
@@ -297,6 +389,14 @@ def run_interpretability(model: nn.Module, dataloader: Iterable, explainers, met
         "insertion_baseline": str(insertion_baseline), "deletion_baseline": str(deletion_baseline),
         "tolerance_px": tolerance_px, "iou_threshold": iou_threshold, "max_batch": max_batch,
         "metrics": keys, "explainers": names, "device": str(device), "num_classes": num_classes,
+        "controls": [n for n in names if getattr(fns[n], "control", False)],
+        "min_native_side": min_native_side,
+        "maps": {n: {"native_resolution": list(degen[n].get("native_resolution") or []) or None,
+                     "n_constant": degen[n]["n_constant"],
+                     "localisation": "refused" if is_coarse(degen[n].get("native_resolution"), min_native_side)
+                     else "computed",
+                     "status": map_status(n_items, degen[n]["n_constant"], degen[n].get("native_resolution"),
+                                          min_native_side)} for n in names},
         "batch_size": getattr(dataloader, "batch_size", None),
         "time_unit": "time: ms per explanation (per image for single-label data); time_batch: ms per explainer "
                      "call on a batch", "scale": "x100 except time",
