@@ -16,10 +16,13 @@
    (``base.signed``: RSP) ``S = ReLU(M) / max ReLU(M)``; optional fusion ``S <- n(S + lambda E(x, t))``.
 
 All ``B n^2`` patches go through the base explainer in one call (``max_patches`` caps the patches per call;
-an out-of-memory error halves the chunk and retries). 2D only (``supports_3d = False``).
+an out-of-memory error halves the chunk and retries). 3D volumes: ``n_units_3d`` (3) patches per axis,
+trilinear up-sampling (torch has no tricubic), a 3D count map and a separable 3D Gaussian blur; supported
+when the base explainer supports 3D.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Optional, Sequence, Tuple, Union
 
@@ -49,13 +52,17 @@ def patch_geometry(spatial: Sequence[int], n_units: int, crop: int, ref_size: in
     return crops, [patch_starts(s, c, n_units) for s, c in zip(spatial, crops)]
 
 
+def _boxes(starts: Sequence[Sequence[int]]):
+    """All patch positions (index tuple, start tuple) in row-major order over the axes."""
+    return zip(itertools.product(*[range(len(s)) for s in starts]), itertools.product(*starts))
+
+
 def coverage_counts(spatial: Sequence[int], crops: Sequence[int], starts: Sequence[Sequence[int]],
                     device=None) -> Tensor:
-    """``N = sum_{i,j} place(1)``: how many patches cover each pixel, ``(H, W)``."""
+    """``N = sum place(1)``: how many patches cover each pixel (voxel), ``spatial``-shaped."""
     n = torch.zeros(tuple(spatial), device=device)
-    for si in starts[0]:
-        for sj in starts[1]:
-            n[si:si + crops[0], sj:sj + crops[1]] += 1
+    for _, st in _boxes(starts):
+        n[tuple(slice(s, s + c) for s, c in zip(st, crops))] += 1
     return n
 
 
@@ -66,16 +73,19 @@ def _gauss1d(klen: int, sigma: float, device, dtype) -> Tensor:
 
 
 def gaussian_blur_reflect(maps: Tensor, klen: int = 5, sigma: float = 3.0) -> Tensor:
-    """Separable Gaussian blur of ``(B, H, W)`` maps with reflect borders (kornia's ``gaussian_blur2d``)."""
+    """Separable Gaussian blur of ``(B, *spatial)`` maps (2D or 3D) with reflect borders (kornia's
+    ``gaussian_blur2d``; replicate borders where a side is too small to reflect)."""
     k = _gauss1d(klen, sigma, maps.device, maps.dtype)
     x = maps.unsqueeze(1)
+    d = x.dim() - 2
     p = klen // 2
-    if min(x.shape[-2:]) <= p:  # reflect padding needs size > pad
-        x = F.pad(x, (p, p, p, p), mode="replicate")
-    else:
-        x = F.pad(x, (p, p, p, p), mode="reflect")
-    x = F.conv2d(x, k.view(1, 1, 1, -1))
-    x = F.conv2d(x, k.view(1, 1, -1, 1))
+    conv = {2: F.conv2d, 3: F.conv3d}[d]
+    mode = "reflect" if min(x.shape[2:]) > p else "replicate"
+    x = F.pad(x, (p,) * (2 * d), mode=mode)
+    for axis in range(d):
+        shape = [1, 1] + [1] * d
+        shape[2 + axis] = klen
+        x = conv(x, k.view(shape))
     return x.squeeze(1)
 
 
@@ -106,7 +116,6 @@ class UCAG(Explainer):
     """
 
     name = "ucag"
-    supports_3d = False
     uses_layers = False
 
     def __init__(self, model: nn.Module, target_layers: LayerSpec = None, base: Union[str, Explainer] = "gradcam",
@@ -114,7 +123,7 @@ class UCAG(Explainer):
                  weighting: str = "exp_softmax", count_offset: float = 0.0,
                  blur: Optional[Tuple[int, float]] = (5, 3.0), global_weight: float = 0.0,
                  max_patches: Optional[int] = None, patch_maps: str = "auto",
-                 patch_size: Optional[Sequence[int]] = None, **base_kwargs) -> None:
+                 patch_size: Optional[Sequence[int]] = None, n_units_3d: int = 3, **base_kwargs) -> None:
         super().__init__(model, None)
         if isinstance(base, Explainer):
             if base.model is not model:
@@ -141,6 +150,8 @@ class UCAG(Explainer):
         if max_patches is not None and int(max_patches) < 1:
             raise ValueError(f"ucag: max_patches must be >= 1 or None, got {max_patches}.")
         self.n_units, self.crop, self.ref_size, self.alpha = int(n_units), int(crop), int(ref_size), float(alpha)
+        self.n_units_3d = int(n_units_3d)
+        self.supports_3d = bool(getattr(self.base, "supports_3d", True))
         self.weighting, self.count_offset = weighting, float(count_offset)
         self.blur = tuple(blur) if blur else None
         self.global_weight = float(global_weight)
@@ -184,44 +195,48 @@ class UCAG(Explainer):
         return torch.cat(maps), torch.cat(logits)
 
     def explain(self, x: Tensor, targets: Tensor) -> Tensor:
-        B, C, H, W = x.shape
-        n = self.n_units
-        (ch, cw), (sh, sw) = patch_geometry((H, W), n, self.crop, self.ref_size)
+        B, C = x.shape[:2]
+        spatial = tuple(x.shape[2:])
+        d = len(spatial)
+        n = self.n_units if d == 2 else self.n_units_3d
+        crops, starts = patch_geometry(spatial, n, self.crop, self.ref_size)
         if self.patch_size is not None:
-            hu, wu = self.patch_size
+            up = tuple(self.patch_size)
+            if len(up) != d:
+                raise ValueError(f"ucag: patch_size {up} does not match {d}D input.")
         else:
-            hu, wu = max(1, int(math.floor(self.alpha * ch))), max(1, int(math.floor(self.alpha * cw)))
-        # 2. unfold: (B, n, n, C, ch, cw) -> (B n^2, C, hu, wu), image-major then row-major
-        rows = torch.stack([x[:, :, s:s + ch, :] for s in sh], 1)  # (B, n, C, ch, W)
-        patches = torch.stack([rows[..., s:s + cw] for s in sw], 2)  # (B, n, n, C, ch, cw)
-        xp = patches.reshape(B * n * n, C, ch, cw)
-        if (hu, wu) != (ch, cw):
-            xp = F.interpolate(xp, size=(hu, wu), mode="bicubic", align_corners=False)
-        tp = targets.repeat_interleave(n * n)
+            up = tuple(max(1, int(math.floor(self.alpha * c))) for c in crops)
+        np_ = n ** d
+        # 2. unfold: (B, n^d, C, *crop) -> (B n^d, C, *up), image-major then row-major over the axes
+        slices = [tuple(slice(s, s + c) for s, c in zip(st, crops)) for _, st in _boxes(starts)]
+        xp = torch.stack([x[(slice(None), slice(None)) + sl] for sl in slices], 1).reshape(B * np_, C, *crops)
+        if up != tuple(crops):  # bicubic in 2D; trilinear in 3D (torch has no tricubic)
+            xp = F.interpolate(xp, size=up, mode="bicubic" if d == 2 else "trilinear", align_corners=False)
+        tp = targets.repeat_interleave(np_)
         # 3. conquer
         self.last_info = {}
         maps, logits = self._conquer(xp, tp)
-        if maps.dim() == 4 and maps.shape[1] == 1:
+        if maps.dim() == d + 2 and maps.shape[1] == 1:
             maps = maps[:, 0]
-        if maps.dim() != 3:
+        if maps.dim() != d + 1:
             raise RuntimeError(f"ucag: base {self.base.name!r} returned patch maps of shape {tuple(maps.shape)}; "
-                               "expected (N, h, w).")
+                               f"expected (N, *{d} spatial dims).")
         # 4. confidence refinement
-        p = logits.softmax(1).gather(1, tp.view(-1, 1)).view(B, n * n)
+        p = logits.softmax(1).gather(1, tp.view(-1, 1)).view(B, np_)
         if self.weighting == "exp_softmax":
             w = torch.exp(p - p.max(1, keepdim=True).values)  # = exp(p)/max exp(p)
         elif self.weighting == "softmax":
             w = p
         else:
             w = torch.ones_like(p)
-        m = F.interpolate(maps.unsqueeze(1), size=(ch, cw), mode="bilinear", align_corners=False)[:, 0]
-        m = (m.view(B, n * n, ch, cw) * w.view(B, n * n, 1, 1)).view(B, n, n, ch, cw)
+        m = F.interpolate(maps.unsqueeze(1).float(), size=tuple(crops), mode="bilinear" if d == 2 else "trilinear",
+                          align_corners=False)[:, 0]
+        m = m.view(B, np_, *crops) * w.view(B, np_, *([1] * d))
         # 5. geometrical aggregation: A / (N + offset)
-        acc = torch.zeros(B, H, W, device=x.device, dtype=m.dtype)
-        for i, si in enumerate(sh):
-            for j, sj in enumerate(sw):
-                acc[:, si:si + ch, sj:sj + cw] += m[:, i, j]
-        counts = coverage_counts((H, W), (ch, cw), (sh, sw), x.device).to(m.dtype)
+        acc = torch.zeros((B,) + spatial, device=x.device, dtype=m.dtype)
+        for k, sl in enumerate(slices):
+            acc[(slice(None),) + sl] += m[:, k]
+        counts = coverage_counts(spatial, crops, starts, x.device).to(m.dtype)
         agg = acc / (counts + self.count_offset)
         # 6. post-process
         if self.signed:
@@ -230,13 +245,14 @@ class UCAG(Explainer):
             s = normalize_saliency(agg.clamp(min=0))
             if self.blur is not None:
                 s = gaussian_blur_reflect(s, int(self.blur[0]), float(self.blur[1]))
-        s = s / s.flatten(1).amax(1).clamp_min(1e-12).view(B, 1, 1)
+        s = s / s.flatten(1).amax(1).clamp_min(1e-12).view(B, *([1] * d))
         if self.global_weight > 0:
             s = normalize_saliency(s + self.global_weight * self.base.explain(x, targets))
-        self.last_info.update(weights=w.view(B, n, n), probs=p.view(B, n, n), counts=counts, aggregate=agg,
-                              alpha_eff=hu / ch, patch_size=(hu, wu), crop=(ch, cw), starts=(sh, sw),
-                              patch_maps="raw" if (self.patch_maps != "normalized"
-                                                   and hasattr(self.base, "explain_raw")) else "normalized")
+        self.last_info.update(weights=w.view(B, *([n] * d)), probs=p.view(B, *([n] * d)), counts=counts,
+                              aggregate=agg, alpha_eff=up[0] / crops[0], patch_size=up, crop=tuple(crops),
+                              starts=starts, patch_maps="raw" if (self.patch_maps != "normalized"
+                                                                  and hasattr(self.base, "explain_raw"))
+                              else "normalized")
         if self.signed:
             self.last_info["raw"] = agg
         return s

@@ -69,7 +69,8 @@ def mask_bbox(mask: Tensor):
 
 
 def largest_component_box(mask: Tensor):
-    """``(boxes (N, 4), non-empty (N,))``: box of the largest 8-connected component (ties: highest label)."""
+    """``(boxes (N, 4), non-empty (N,))``: box of the largest 8-connected component (ties: the component that
+    reaches furthest in raster order)."""
     lab = connected_components(mask)
     N, H, W = lab.shape
     counts = torch.zeros(N, H * W + 1, device=mask.device, dtype=torch.long)
