@@ -1,0 +1,399 @@
+"""X-Pruner on the embedded benchmark (seed 000 Tables 5.1 / 5.4 analog): accuracy vs FLOPs remained.
+
+    python experiments/xpruner.py                      # ~20 min on 2 CPU cores; resumable (run cache)
+    python experiments/xpruner.py --time-budget 270    # stop after ~270 s (exit code 3), rerun to continue
+    python experiments/xpruner.py --quick              # smoke run (seconds), numbers meaningless
+
+Protocol (all at one FLOPs budget per row; FLOPs = analytic MACs, cross-checked with FlopCounterMode):
+1. A DeiT-tiny-shaped ViT (timm ``deit_tiny_patch16_224`` narrowed: embed 96, 3 heads of 32, depth 4, MLP 384,
+   32 px, patch 4) trained from scratch on SyntheticShapes (one base model, seed 0; no pretrained weights offline).
+2. Per seed: stage 1 masks (weights frozen); per budget: stage 2 (θ, β/γ ascent, W, M) -> calibrate -> prune.
+3. Baselines pruned from the same base model to the same budget: uniform (same rate per block, units by stage-1
+   mask score), magnitude (same rate per block, units by weight norm), random (random units).
+4. Every pruned model is fine-tuned with the same recipe and number of steps; test accuracy, and Grad-CAM
+   (on the token map entering the last block) AD / AG / insertion vs the unpruned model.
+Intervals: t over seeds (``seed_interval``); paired differences X-Pruner − baseline over seeds and images.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from experiments import harness as H  # noqa: E402
+
+warnings.filterwarnings("ignore")
+BUDGETS = (0.7, 0.5, 0.3)          # FLOPs remained
+METHODS = ("xpruner", "uniform", "magnitude", "random")
+OUT = os.path.join(H.ROOT, "docs", "results", "xpruner")
+
+
+class _TimeUp(Exception):
+    pass
+
+
+def parse():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    H.add_common_args(p, default_out=OUT)
+    p.add_argument("--time-budget", type=float, default=0.0, help="stop (exit 3) once this many seconds passed")
+    p.add_argument("--num-classes", type=int, default=6)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--train-size", type=int, default=3000)
+    p.add_argument("--test-size", type=int, default=400)
+    p.add_argument("--xai-images", type=int, default=160)
+    p.add_argument("--embed-dim", type=int, default=96)
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--heads", type=int, default=3)
+    p.add_argument("--base-epochs", type=int, default=14)
+    p.add_argument("--mask-epochs", type=int, default=2)
+    p.add_argument("--prune-epochs", type=int, default=2)
+    p.add_argument("--ft-epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--mask-lr", type=float, default=0.02, help="stage-1 mask lr (Adam; the paper's SGD 0.01 hardly "
+                   "moves the masks in a few hundred steps)")
+    return p.parse_args()
+
+
+# ------------------------------------------------------------------------------------------------ data / training
+class DictData(torch.utils.data.Dataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"image": self.x[i], "label": self.y[i]}
+
+
+def render(args, split, size):
+    from trainers.data.synthetic import SyntheticShapes
+
+    path = os.path.join(args.cache_dir, "xpruner_data", f"{split}_{size}_{args.image_size}_{args.num_classes}.pt")
+    if os.path.exists(path):
+        d = torch.load(path, weights_only=True)
+        return d["x"], d["y"]
+    ds = SyntheticShapes(split=split, size=size, num_classes=args.num_classes, image_size=args.image_size)
+    items = [ds[i] for i in range(size)]
+    x = torch.stack([it["image"] for it in items]).float()
+    y = torch.stack([torch.as_tensor(it["label"]) for it in items]).long()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({"x": x, "y": y}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return x, y
+
+
+def loader(x, y, bs, shuffle, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(DictData(x, y), batch_size=bs, shuffle=shuffle, generator=g)
+
+
+def fit(module, dl, epochs):
+    import pytorch_lightning as pl
+
+    tr = pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                    limit_val_batches=0)
+    tr.fit(module, train_dataloaders=dl)
+    return module
+
+
+def model_kwargs(args):
+    return dict(backbone="deit_tiny_patch16_224", backbone_kwargs=dict(
+        img_size=args.image_size, patch_size=4, embed_dim=args.embed_dim, depth=args.depth, num_heads=args.heads))
+
+
+@torch.no_grad()
+def predict(model, x, bs=200):
+    model.eval()
+    return torch.cat([model(x[i:i + bs]) for i in range(0, len(x), bs)])
+
+
+def xai_metrics(model, x, y):
+    """Grad-CAM on the tap (token map entering the last block): per-image AD, AG, insertion AUC (label target)."""
+    from models.explainers import create_explainer
+    from models.metrics.faithfulness import AverageDrop, AverageGain, confidence_change, curve_auc, \
+        perturbation_curves
+
+    model.eval()
+    expl = create_explainer("gradcam", model)
+    maps = torch.cat([expl(x[i:i + 40], y[i:i + 40]) for i in range(0, len(x), 40)])
+    p, o = confidence_change(model, x, maps, y)
+    ad = AverageDrop.per_item(p, o) * 100
+    ag = AverageGain.per_item(p, o) * 100
+    curves = perturbation_curves(model, x, maps, y, "insertion", 16)
+    ins = curve_auc(curves) * 100
+    return {"ad": ad.tolist(), "ag": ag.tolist(), "ins": ins.tolist()}
+
+
+def evaluate(model, data, args):
+    xt, yt = data["test"]
+    pred = predict(model, xt).argmax(1)
+    n = args.xai_images
+    return {"correct": (pred == yt).float().tolist(), "acc": float((pred == yt).float().mean() * 100),
+            **xai_metrics(model, xt[:n], yt[:n])}
+
+
+# ------------------------------------------------------------------------------------------------ runs
+def run_base(args, data, path):
+    from trainers.classification import ClassificationModule
+    import models
+
+    H.seed_everything(0)
+    mod = ClassificationModule(model="xpruner", model_kwargs=model_kwargs(args), num_classes=args.num_classes,
+                               freeze=["^xp\\."], optimizer={"name": "adamw", "lr": 2e-3, "weight_decay": 0.05},
+                               scheduler={"name": "cosine", "warmup": 1 if args.base_epochs > 2 else 0})
+    t0 = time.time()
+    fit(mod, loader(*data["train"], args.batch_size, True, 0), args.base_epochs)
+    models.save_weights(mod.model, path)
+    res = evaluate(mod.model, data, args)
+    res["train_seconds"] = time.time() - t0
+    return res
+
+
+def run_masks(args, data, base_path, seed, path):
+    import models
+    from trainers.xpruner import XPrunerModule
+
+    H.seed_everything(seed)
+    mod = XPrunerModule(model_kwargs=model_kwargs(args), num_classes=args.num_classes, stage="masks",
+                        checkpoint_path=base_path, lambda_sparse=0.1, lambda_smooth=0.1,
+                        optimizer={"name": "adam", "lr": args.mask_lr}, scheduler={"name": "cosine"})
+    fit(mod, loader(*data["train"], args.batch_size, True, seed), args.mask_epochs)
+    models.save_weights(mod.model, path)
+    m = mod.model.eval()
+    xt, yt = data["test"]
+    with torch.no_grad():
+        acc = {mode: float((torch.cat([m(xt[i:i + 200], mode=mode) for i in range(0, len(xt), 200)]).argmax(1)
+                            == yt).float().mean() * 100) for mode in ("mean", "two_pass_soft")}
+        acc["oracle"] = float((m(xt, labels=yt).argmax(1) == yt).float().mean() * 100)
+    return {"acc": acc, "scores": [s.tolist() for s in _scores(m)]}
+
+
+def _scores(m):
+    from models.xpruner import unit_scores
+
+    with torch.no_grad():
+        return [unit_scores(M) for M in m.masks]
+
+
+def finetune_eval(args, data, pruned, seed, save_path=None):
+    from trainers.classification import ClassificationModule
+    from models.xpruner import analytic_macs, measure_flops
+
+    H.seed_everything(seed)
+    res = {"acc_before_ft": float((predict(pruned, data["test"][0]).argmax(1) == data["test"][1]).float().mean() * 100)}
+    mod = ClassificationModule(model="xpruner_pruned", model_kwargs=dict(model_kwargs(args), widths=pruned.arch()),
+                               num_classes=args.num_classes,
+                               optimizer={"name": "adamw", "lr": 5e-4, "weight_decay": 0.05},
+                               scheduler={"name": "cosine"})
+    mod.model.load_state_dict(pruned.state_dict())
+    fit(mod, loader(*data["train"], args.batch_size, True, seed), args.ft_epochs)
+    res.update(evaluate(mod.model, data, args))
+    size = (3, args.image_size, args.image_size)
+    res["macs"] = analytic_macs(mod.model)["total"]
+    res["flops_counted"] = measure_flops(mod.model, size)
+    res["arch"] = mod.model.arch()
+    if save_path:
+        from models.xpruner import save_pruned
+
+        save_pruned(mod.model, save_path)
+    return res
+
+
+def run_method(args, data, base_path, masks_path, seed, budget, method, cache_dir):
+    import models
+    from models.xpruner import (alpha_for_flops, magnitude_keep, prune_model, random_keep, uniform_keep)
+    from trainers.xpruner import XPrunerModule
+
+    H.seed_everything(seed)
+    if method == "xpruner":
+        probe = models.create_model("xpruner", num_classes=args.num_classes, **model_kwargs(args))
+        alpha = alpha_for_flops(probe, budget)
+        mod = XPrunerModule(model_kwargs=model_kwargs(args), num_classes=args.num_classes, stage="prune", alpha=alpha,
+                            checkpoint_path=masks_path, rate_weighting="flops", mask_lr=0.05,
+                            optimizer={"name": "adamw", "lr": 5e-4, "weight_decay": 0.05},
+                            scheduler={"name": "cosine"})
+        hist = []
+
+        class Track(__import__("pytorch_lightning").Callback):
+            def on_train_batch_end(self, trainer, pl_module, *a):
+                r = pl_module.rates()
+                hist.append([float(r["R"]), float(r["R_hard"]), float(pl_module.lagrange_beta),
+                             float(pl_module.lagrange_gamma)])
+
+        import pytorch_lightning as pl
+
+        tr = pl.Trainer(accelerator="cpu", devices=1, max_epochs=args.prune_epochs, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Track()])
+        tr.fit(mod, train_dataloaders=loader(*data["train"], args.batch_size, True, seed))
+        keep = mod.keep
+        m = mod.model
+        extra = {"alpha": alpha, "history": hist[:: max(1, len(hist) // 50)],
+                 "rates_learned": [1.0 - float(k.float().mean()) for k in keep],
+                 "theta_rates": [float(v) for v in mod.rates()["r_hard"]]}
+    else:
+        m = models.create_model("xpruner", num_classes=args.num_classes, checkpoint_path=masks_path,
+                                **model_kwargs(args))
+        alpha = alpha_for_flops(m, budget)
+        keep = {"uniform": lambda: uniform_keep(m, alpha), "magnitude": lambda: magnitude_keep(m, alpha),
+                "random": lambda: random_keep(m, alpha, seed=seed)}[method]()
+        extra = {"alpha": alpha, "rates_learned": [1.0 - float(k.float().mean()) for k in keep]}
+    pruned = prune_model(m, keep, fold=method != "magnitude")  # magnitude: masks play no part, nothing folded
+    res = finetune_eval(args, data, pruned.eval(), seed,
+                        os.path.join(cache_dir, f"pruned_{method}_s{seed}_{int(budget * 100)}.safetensors"))
+    res.update(extra)
+    return res
+
+
+# ------------------------------------------------------------------------------------------------ report
+def plot_rates(results, seeds, path, depth):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(BUDGETS), figsize=(4 * len(BUDGETS), 3.2), sharey=True)
+    x = np.arange(depth)
+    for ax, b in zip(np.atleast_1d(axes), BUDGETS):
+        rs = np.array([results[(s, b, "xpruner")]["rates_learned"] for s in seeds])
+        ax.bar(x - 0.2, rs[:, 0::2].mean(0), 0.4, yerr=rs[:, 0::2].std(0), label="heads")
+        ax.bar(x + 0.2, rs[:, 1::2].mean(0), 0.4, yerr=rs[:, 1::2].std(0), label="MLP units")
+        ax.axhline(results[(seeds[0], b, "xpruner")]["alpha"], color="k", ls="--", lw=1, label="α (uniform)")
+        ax.set_title(f"{int(b * 100)} % FLOPs remained")
+        ax.set_xlabel("block")
+        ax.set_xticks(x)
+    np.atleast_1d(axes)[0].set_ylabel("share of units pruned")
+    np.atleast_1d(axes)[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(args, base, masks, results, seeds, full_macs):
+    rows, claims = [], []
+    n = args.xai_images
+    for metric, key in (("acc", "acc"), ("AD", "ad"), ("AG", "ag"), ("insertion", "ins")):
+        v = base[key] if key == "acc" else float(np.mean(base[key]))
+        rows.append(H.summary_row("unpruned (100 %)", "vit-96x4", "gradcam", metric, [v]))
+    for b in BUDGETS:
+        for meth in METHODS:
+            rs = [results[(s, b, meth)] for s in seeds]
+            tag = f"{meth} @{int(b * 100)}%"
+            rows.append(H.summary_row(tag, "vit-96x4", "gradcam", "acc", [r["acc"] for r in rs]))
+            rows.append(H.summary_row(tag, "vit-96x4", "gradcam", "acc before FT", [r["acc_before_ft"] for r in rs]))
+            rows.append(H.summary_row(tag, "vit-96x4", "gradcam", "FLOPs %",
+                                      [100 * r["macs"] / full_macs for r in rs]))
+            for metric, key in (("AD", "ad"), ("AG", "ag"), ("insertion", "ins")):
+                rows.append(H.summary_row(tag, "vit-96x4", "gradcam", metric, [float(np.mean(r[key])) for r in rs]))
+        xp = [results[(s, b, "xpruner")] for s in seeds]
+        for meth in METHODS[1:]:
+            bl = [results[(s, b, meth)] for s in seeds]
+            claims.append(H.claim_row(f"X-Pruner > {meth} @{int(b * 100)}% FLOPs", "acc",
+                                      [np.array(r["correct"]) * 100 for r in xp],
+                                      [np.array(r["correct"]) * 100 for r in bl], +1))
+        for metric, key, d in (("AD", "ad", -1), ("AG", "ag", +1), ("insertion", "ins", +1)):
+            claims.append(H.claim_row(f"X-Pruner keeps Grad-CAM {metric} of the unpruned @{int(b * 100)}%", metric,
+                                      [np.array(r[key]) for r in xp], [np.array(base[key][:n]) for _ in xp], d))
+    intro = (
+        f"`python experiments/xpruner.py` (seeds {seeds}). Base: timm `deit_tiny_patch16_224` narrowed to embed "
+        f"{args.embed_dim}, {args.heads} heads, depth {args.depth}, {args.image_size} px, patch 4, trained from scratch "
+        f"({args.base_epochs} epochs, {args.train_size} SyntheticShapes images, {args.num_classes} classes; one base "
+        f"model shared by all seeds, so the intervals cover pruning / fine-tuning randomness, not base training). "
+        f"Unpruned test accuracy {base['acc']:.1f} % (chance {100 / args.num_classes:.1f} %). Per seed: stage 1 "
+        f"{args.mask_epochs} epochs, stage 2 {args.prune_epochs} epochs per budget, every pruned model fine-tuned "
+        f"{args.ft_epochs} epoch(s) with the same recipe. Test split {args.test_size} images (accuracy), first "
+        f"{n} for Grad-CAM AD/AG/insertion (target = label). FLOPs % = analytic MACs of the pruned model / unpruned.")
+    mk = "\n## Stage 1 label-free accuracy (masks applied, weights frozen)\n\n| seed | mean | two_pass_soft | oracle |\n|---|---|---|---|\n"
+    for s in seeds:
+        a = masks[s]["acc"]
+        mk += f"| {s} | {a['mean']:.1f} | {a['two_pass_soft']:.1f} | {a['oracle']:.1f} |\n"
+    mk += "\n## Learned per-layer pruning rates (X-Pruner, mean over seeds)\n\n![rates](xpruner_rates.png)\n\n"
+    mk += "| FLOPs remained | " + " | ".join(f"attn{i} / mlp{i}" for i in range(args.depth)) + " |\n"
+    mk += "|---|" + "---|" * args.depth + "\n"
+    for b in BUDGETS:
+        r = np.mean([results[(s, b, "xpruner")]["rates_learned"] for s in seeds], 0)
+        mk += f"| {int(b * 100)} % | " + " | ".join(f"{r[2 * i]:.2f} / {r[2 * i + 1]:.2f}" for i in range(args.depth)) + " |\n"
+    mk += "\n## Stage 2 dynamics (seed 0): soft R, hard R, β, γ at the first and last recorded step\n\n"
+    mk += "| FLOPs remained | α | start (R, R_hard, β, γ) | end (R, R_hard, β, γ) |\n|---|---|---|---|\n"
+    for b in BUDGETS:
+        r = results[(seeds[0], b, "xpruner")]
+        h = r["history"]
+        mk += (f"| {int(b * 100)} % | {r['alpha']:.3f} | {', '.join(f'{v:.3f}' for v in h[0])} | "
+               f"{', '.join(f'{v:.3f}' for v in h[-1])} |\n")
+    H.write_report(args.out, rows, claims, title="X-Pruner on the embedded benchmark (Tables 5.1 / 5.4 analog)",
+                   intro=intro, extra_md=mk, meta=vars(args) | {"seeds": seeds})
+    plot_rates(results, seeds, args.out + "_rates.png", args.depth)
+
+
+def main():
+    args = parse()
+    if args.quick:
+        args.train_size, args.test_size, args.xai_images = 128, 64, 16
+        args.base_epochs = args.mask_epochs = args.prune_epochs = args.ft_epochs = 1
+        args.embed_dim, args.depth, args.seeds = 48, 2, args.seeds[:2]
+        args.out = os.path.join(args.cache_dir, "xpruner_quick")
+        args.cache_dir = os.path.join(args.cache_dir, "quick")
+    t0 = time.time()
+    cache = H.RunCache(args.cache_dir, enabled=not args.no_cache)
+    wdir = os.path.join(args.cache_dir, "xpruner_weights")
+    os.makedirs(wdir, exist_ok=True)
+    common = {k: getattr(args, k) for k in ("num_classes", "image_size", "train_size", "test_size", "xai_images",
+                                            "embed_dim", "depth", "heads", "base_epochs", "batch_size")}
+
+    def check_time():
+        if args.time_budget and time.time() - t0 > args.time_budget:
+            raise _TimeUp
+
+    data = {"train": render(args, "train", args.train_size), "test": render(args, "test", args.test_size)}
+    key = dict(common, exp="xpruner", run="base")
+    base_path = os.path.join(wdir, f"base_{H.config_hash(key)}.safetensors")
+    base = cache.get(key) if os.path.exists(base_path) else None
+    if base is None:
+        base = run_base(args, data, base_path)
+        cache.put(key, base)
+    print(f"[base] test acc {base['acc']:.1f} %", flush=True)
+    masks, results = {}, {}
+    import models
+    from models.xpruner import analytic_macs
+
+    full_macs = analytic_macs(models.create_model("xpruner", num_classes=args.num_classes, **model_kwargs(args)))["total"]
+    try:
+        for seed in args.seeds:
+            check_time()
+            mkey = dict(common, exp="xpruner", run="masks", seed=seed, mask_epochs=args.mask_epochs, mask_lr=args.mask_lr)
+            mpath = os.path.join(wdir, f"masks_{H.config_hash(mkey)}.safetensors")
+            res = cache.get(mkey) if os.path.exists(mpath) else None
+            if res is None:
+                res = run_masks(args, data, base_path, seed, mpath)
+                cache.put(mkey, res)
+            masks[seed] = res
+            print(f"[masks seed {seed}] {res['acc']}", flush=True)
+            for b in BUDGETS:
+                for meth in METHODS:
+                    check_time()
+                    rkey = dict(mkey, run="prune", budget=b, method=meth, prune_epochs=args.prune_epochs,
+                                ft_epochs=args.ft_epochs, v=2)
+                    res = cache.get_or_run(rkey, lambda: run_method(args, data, base_path, mpath, seed, b, meth, wdir))
+                    results[(seed, b, meth)] = res
+                    print(f"[seed {seed} {int(b * 100)}% {meth}] acc {res['acc']:.1f} (before FT "
+                          f"{res['acc_before_ft']:.1f}) FLOPs {100 * res['macs'] / full_macs:.1f} % "
+                          f"({time.time() - t0:.0f} s)", flush=True)
+    except _TimeUp:
+        print(f"[time budget] stopping after {time.time() - t0:.0f} s; rerun to continue (finished runs are cached)")
+        sys.exit(3)
+    report(args, base, masks, results, args.seeds, full_macs)
+    print(f"wrote {args.out}.md ({time.time() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
