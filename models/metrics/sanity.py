@@ -270,6 +270,7 @@ def layer_dropout_ranking(model: nn.Module, dataloader, explainers: Sequence[str
     b = [sum(v) / len(v) for v in (mc[e] for e in explainers)]
     best = (max if higher else min)
     return {"metric": metric, "higher_is_better": higher, "p": p, "repeats": int(repeats),
+            "dropout": "added at evaluation after every backbone stage (forward hooks); seed 002 retrains with it",
             "deterministic": dict(zip(explainers, a)), "dropout_mean": dict(zip(explainers, b)),
             "dropout_runs": mc, "kendall_tau": kendall_tau(a, b),
             "same_best": explainers[a.index(best(a))] == explainers[b.index(best(b))]}
