@@ -333,6 +333,10 @@ class RSP(Explainer):
                               logits=logits.detach(), hostile=cls, hostile_mask=mask)
         return rmap, logits.detach()
 
+    def native_resolution(self, x: Tensor) -> Tuple[int, ...]:
+        """RSP maps are computed at the input's pixels (metrics runner)."""
+        return tuple(int(s) for s in x.shape[2:])
+
     def explain_raw(self, x: Tensor, targets: Tensor) -> Tuple[Tensor, Tensor]:
         """``(signed input map r (B, H, W), logits)`` (UCAG protocol, ``signed = True``)."""
         return self._run(x, targets)

@@ -257,6 +257,20 @@ class UCAG(Explainer):
             self.last_info["raw"] = agg
         return s
 
+    def native_resolution(self, x: Tensor) -> Optional[Tuple[int, ...]]:
+        """Effective map grid: the base's grid on one patch, scaled from the crop to the image (metrics runner)."""
+        from ..metrics.degenerate import native_resolution
+
+        spatial = tuple(x.shape[2:])
+        n = self.n_units if len(spatial) == 2 else self.n_units_3d
+        crops, _ = patch_geometry(spatial, n, self.crop, self.ref_size)
+        up = self.patch_size or tuple(max(1, int(math.floor(self.alpha * c))) for c in crops)
+        patch = torch.zeros((1,) + tuple(x.shape[1:2]) + tuple(up), device=x.device, dtype=x.dtype)
+        r = native_resolution(self.base, self.model, patch)
+        if r is None:
+            return None
+        return tuple(min(s, int(round(g * s / c))) for g, s, c in zip(r, spatial, crops))
+
     def __repr__(self) -> str:
         return (f"UCAG(base={self.base.name!r}, n_units={self.n_units}, crop={self.crop}/{self.ref_size}, "
                 f"alpha={self.alpha})")
