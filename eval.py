@@ -36,6 +36,8 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 DEFAULT_EXPLAINERS = ("intrinsic", "gradcam", "random", "gaussian", "fakecam", "colorcontrast", "edges", "untrained")
 #: images of the default run (AD/AG/AI, insertion/deletion, pointing game, IoU in well under a minute on 2 cores)
 DEFAULT_MAX_IMAGES = 100
+#: insertion/deletion steps of the default run (the full protocol, --steps unset with --explainers, uses ceil(sqrt(P)))
+DEFAULT_STEPS = 16
 
 
 def parse_target_layers(text: Optional[str]):
@@ -65,14 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--limit-batches", type=int, default=None, help="evaluate only the first N batches")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=None, help="output folder (default: next to the checkpoint, eval/)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: <run>/eval/<checkpoint name>/ for <run>/checkpoints/<name>.ckpt, "
+                        "<folder>/eval/<weights name>/ for exported weights)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace results in --out that were written for a different checkpoint or weights file")
     g = p.add_argument_group("interpretability (docs/metrics.md)")
     g.add_argument("--explainers", default=None,
                    help="comma list of models.explainers names, e.g. gradcam,gradcampp,scorecam,opticam,intrinsic, "
                         "rsp, ucag:gradcam (UCAG over a base explainer) "
                         "(random and fakecam are always added as sanity baselines). Default: the intrinsic map and "
                         "Grad-CAM with the controls (" + ",".join(DEFAULT_EXPLAINERS) + ") on --max-images 100 "
-                        "images; 'none' for accuracy only")
+                        "images with --steps 16 (under a minute on 2 cores for the main job); 'none' for accuracy "
+                        "only")
     g.add_argument("--target-layers", default=None, metavar="LAYERS",
                    help="layer(s) the CAM-family explainers explain: a tap index (-1 = last stage, -2 = the stage "
                         "before), a module name (backbone.taps.2, backbone.body.layer3), or a comma list of them "
@@ -87,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images explained (first N of the split; default 200 with --explainers, 100 in the default run)")
     g.add_argument("--target", default="label", choices=["label", "pred"], help="class explained: ground truth or predicted")
     g.add_argument("--correct-only", action="store_true", help="count only correctly classified images")
-    g.add_argument("--steps", type=int, default=None, help="insertion/deletion steps (default ceil(sqrt(#pixels)))")
+    g.add_argument("--steps", type=int, default=None,
+                   help="insertion/deletion steps (default ceil(sqrt(#pixels)) with --explainers, 16 in the default run)")
     g.add_argument("--max-batch", type=int, default=64, help="images per forward call in insertion/deletion")
     g.add_argument("--tolerance-px", type=int, default=0, help="pointing-game tolerance (15 in the original protocol)")
     g.add_argument("--iou-threshold", default="mean_std", help="mean_std (seed 002 eq. 5.1), mean, or a number")
@@ -106,21 +114,50 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _datamodule_from_yaml(path: str, **overrides):
+    """The DataModule of a config's ``data:`` section: an allow-listed ``ZooDataModule`` with known arguments."""
     import yaml
 
-    from trainers.classification import _import
+    from trainers.classification import datamodule_from_spec
 
     with open(path) as f:
         cfg = yaml.safe_load(f)
     data = cfg.get("data") if isinstance(cfg, dict) else None
-    if not data or "class_path" not in data:
+    if not isinstance(data, dict) or "class_path" not in data:
         raise SystemExit(f"error: {path} has no data: section with a class_path (see configs/baseline/synthetic.yaml).")
-    return _import(data["class_path"])(**{**(data.get("init_args") or {}), **overrides})
+    return datamodule_from_spec(data["class_path"], data.get("init_args") or {}, "data.class_path", "data.init_args",
+                                **overrides)
+
+
+def default_out_dir(src: str) -> str:
+    """Results are named after their source and stay in its folder: ``<run>/eval/<stem>/`` for
+    ``<run>/checkpoints/<stem>.ckpt`` (``best`` and ``last`` apart), ``<folder>/eval/<stem>/`` for any other
+    file (an export ``DIR/model.safetensors`` -> ``DIR/eval/model/``, so sibling exports never collide)."""
+    folder, name = os.path.split(os.path.abspath(src))
+    stem = os.path.splitext(name)[0] or "model"
+    base = os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else folder
+    return os.path.join(base, "eval", stem)
+
+
+def check_out_dir(out_dir: str, src: str, split: str, overwrite: bool = False) -> str:
+    """Refuse to replace results written for another source (``metrics_<split>.json`` records it)."""
+    path = os.path.join(out_dir, f"metrics_{split}.json")
+    if os.path.exists(path) and not overwrite:
+        try:
+            with open(path) as f:
+                prev = json.load(f).get("source")
+        except Exception:  # unreadable: not ours to replace silently
+            prev = None
+        if not isinstance(prev, str) or os.path.abspath(prev) != os.path.abspath(src):
+            raise SystemExit(f"error: {path} holds results of {prev or 'an unknown source'}; refusing to replace them "
+                             f"with results of {src}. Pass another --out (or nothing: the default folder is named "
+                             "after the checkpoint), or --overwrite.")
+    return path
 
 
 def load_model_and_data(args) -> tuple:
     """Return ``(model, datamodule, source_path)`` from the CLI arguments, with clear errors."""
     import models
+    from models.weights import load_weights
     from trainers.classification import load_datamodule, load_module
 
     overrides = {"batch_size": args.batch_size} if args.batch_size else {}
@@ -136,7 +173,12 @@ def load_model_and_data(args) -> tuple:
     if not args.model and os.path.isfile(card_path):  # written by export.py
         with open(card_path) as f:
             card = json.load(f)
-        args.model, args.model_kwargs = card["model"], json.dumps(card["kwargs"])
+        if not isinstance(card, dict) or not isinstance(card.get("model"), str):
+            raise SystemExit(f"error: {card_path} is not a model card written by export.py (no 'model' name).")
+        from models.registry import check_model_kwargs
+
+        check_model_kwargs(card.get("kwargs") or {}, f"{card_path}: kwargs")
+        args.model, args.model_kwargs = card["model"], json.dumps(card.get("kwargs") or {})
     if not args.model:
         raise SystemExit(f"error: --weights needs --model (one of: {', '.join(models.list_models())}) "
                          "or a model.json next to the weights (export.py writes one).")
@@ -146,7 +188,9 @@ def load_model_and_data(args) -> tuple:
     kwargs = json.loads(args.model_kwargs)
     kwargs.setdefault("num_classes", dm.num_classes)
     kwargs.setdefault("in_chans", dm.in_chans)
-    model = models.create_model(args.model, checkpoint_path=args.weights, **kwargs)
+    model = models.create_model(args.model, **kwargs)
+    # every parameter must come from the file: a baseline evaluated as a mechanism would have random mechanism weights
+    load_weights(model, args.weights, allow_fresh_mechanism=False)
     return model, dm, args.weights
 
 
@@ -225,8 +269,8 @@ def evaluate_interpretability(model: torch.nn.Module, loader, args, out_dir: str
         files.append(save_overlay_grid(
             ex_img, res.examples["maps"], os.path.join(out_dir, f"overlays_{args.split}.png"), n=args.grid_images,
             titles=titles, masks=res.examples.get("masks"), display_names=method_names(model),
-            title=f"{model_name}: saliency for the {'true' if args.target == 'label' else 'predicted'} class, "
-                  f"{args.split} split",
+            title=f"{_describe(model, model_name, args)}: saliency for the "
+                  f"{'true' if args.target == 'label' else 'predicted'} class, {args.split} split",
             native={k: v.get("native_resolution") for k, v in maps_info.items()},
             status={k: _short_status(v) for k, v in maps_info.items()}))
     print("\n" + table)
@@ -234,6 +278,14 @@ def evaluate_interpretability(model: torch.nn.Module, loader, args, out_dir: str
         if info.get("status") not in (None, "ok"):
             print(f"note: {name}: {info['status']}")
     return {"results": dict(res), "meta": res.meta, "files": files}
+
+
+def _describe(model, model_name: str, args) -> str:
+    """``"Baseline (resnet10t, best.ckpt)"`` for picture titles."""
+    bb = getattr(getattr(model, "backbone", None), "name", None)
+    src = getattr(args, "checkpoint", None) or getattr(args, "weights", None)
+    extra = ", ".join(str(v) for v in (bb, os.path.basename(src) if src else None) if v)
+    return f"{model_name} ({extra})" if extra else model_name
 
 
 def method_names(model) -> Dict[str, str]:
@@ -378,6 +430,8 @@ def _resolve_defaults(args):
         args.explainers = ",".join(e for e in default if e in known)
     if args.max_images is None:
         args.max_images = 200 if explicit else DEFAULT_MAX_IMAGES
+    if args.steps is None and not explicit:
+        args.steps = DEFAULT_STEPS
     return args
 
 
@@ -387,7 +441,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         model, dm, src = load_model_and_data(args)
     except (FileNotFoundError, RuntimeError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
-    out_dir = args.out or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(src))), "eval")
+    out_dir = args.out or default_out_dir(src)
+    path = check_out_dir(out_dir, src, args.split, args.overwrite)
     os.makedirs(out_dir, exist_ok=True)
     if args.target_layers is not None:  # a clear error now, not after the accuracy pass
         from models.explainers import resolve_layers
@@ -399,7 +454,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if args.explain:
         return explain_files(model, dm, args, out_dir)
     loader = _loader(dm, args.split)
-    results: Dict[str, Any] = {"source": src, "split": args.split, "model": type(model).__name__}
+    results: Dict[str, Any] = {"source": os.path.abspath(src), "split": args.split, "model": type(model).__name__}
     results["accuracy"] = evaluate_accuracy(model, loader, dm.num_classes, dm.multilabel, args.device,
                                             args.limit_batches, getattr(dm, "class_names", None))
     if args.explainers:
@@ -417,8 +472,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         results["picnn"] = evaluate_picnn(model, loader, args.device,
                                           max_images=args.limit_batches * bs if args.limit_batches else None)
         print("PICNN (%): " + ", ".join(f"{k}={v:.4f}" for k, v in results["picnn"].items()))
-    path = os.path.join(out_dir, f"metrics_{args.split}.json")
-    with open(path, "w") as f:
+    from models.weights import atomic_write
+
+    with atomic_write(path, "w") as f:
         json.dump(results, f, indent=2)
     print(f"\n{results['model']} on the {args.split} split ({results['accuracy']['num_images']} images)")
     print(format_table(results["accuracy"]))

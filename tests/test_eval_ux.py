@@ -167,3 +167,65 @@ def test_config_default_layer_gives_real_maps(cfg, side):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     res = _config_native(os.path.join(root, cfg))
     assert min(res) >= side, (cfg, res)
+
+
+# ------------------------------------------------------------------------------------------ eval.py
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    import models
+
+    d = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    w = d / "tiny.safetensors"
+    models.save_weights(models.create_model("baseline", backbone="resnet18", num_classes=3), w)
+    cfg = d / "data.yaml"
+    cfg.write_text("data:\n  class_path: trainers.data.SyntheticShapesDataModule\n  init_args:\n"
+                   "    num_classes: 3\n    image_size: 64\n    train_size: 4\n    val_size: 4\n    test_size: 4\n"
+                   "    batch_size: 4\n")
+    return ["--weights", str(w), "--model", "baseline", "--model-kwargs", '{"backbone": "resnet18"}',
+            "--data-config", str(cfg), "--device", "cpu"]
+
+
+def test_eval_default_run_has_controls_and_target_layers(tiny_weights, tmp_path, capsys):
+    import eval as eval_script
+
+    out = tmp_path / "eval"
+    eval_script.main(tiny_weights + ["--out", str(out), "--max-images", "4", "--steps", "4", "--grid-images", "2",
+                                     "--target-layers", "-3"])
+    js = json.loads((out / "interpretability_test.json").read_text())
+    assert set(js["results"]) >= {"intrinsic", "gradcam", "random", "gaussian", "fakecam", "colorcontrast", "edges",
+                                  "untrained"}
+    maps = js["meta"]["maps"]
+    assert maps["gradcam"]["native_resolution"] == [8, 8] and maps["gradcam"]["localisation"] == "computed"
+    assert maps["intrinsic"]["native_resolution"] == [2, 2] and maps["intrinsic"]["localisation"] == "refused"
+    assert js["results"]["intrinsic"]["pg"] is None and js["results"]["gradcam"]["pg"] is not None
+    md = (out / "interpretability_test.md").read_text()
+    assert "| control | map |" in md and "localisation refused" in md
+    assert (out / "overlays_test.png").stat().st_size > 5000
+    printed = capsys.readouterr().out
+    assert "note: intrinsic" in printed and str(out / "overlays_test.png") in printed
+    with pytest.raises(SystemExit, match="target-layers"):
+        eval_script.main(tiny_weights + ["--out", str(out), "--target-layers", "backbone.nope"])
+
+
+def test_eval_explain_own_images(tiny_weights, tmp_path):
+    from PIL import Image
+
+    import eval as eval_script
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i, size in enumerate((64, 100)):  # any size: resized to the training size
+        arr = (torch.rand(size, size, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(folder / f"img{i}.png")
+    (folder / "notes.txt").write_text("ignored")
+    out = tmp_path / "eval"
+    res = eval_script.main(tiny_weights + ["--out", str(out), "--explain", str(folder)])
+    assert [os.path.basename(r["image"]) for r in res["images"]] == ["img0.png", "img1.png"]
+    for r in res["images"]:
+        assert 0 < r["confidence"] <= 1 and r["pred"] in ("circle", "square", "triangle")
+        assert os.path.getsize(r["overlay"]) > 3000
+    assert json.loads((out / "explain" / "predictions.json").read_text())["images"][0]["top"][0]["p"] > 0
+    with pytest.raises(SystemExit, match="PNG/JPEG"):
+        eval_script.main(tiny_weights + ["--out", str(out), "--explain", str(folder / "notes.txt")])

@@ -535,8 +535,8 @@ def test_eval_py_end_to_end_writes_json_table_and_png(tmp_path):
     models.save_weights(models.create_model("baseline", backbone="resnet18", num_classes=3), w)
     cfg = tmp_path / "data.yaml"
     cfg.write_text("data:\n  class_path: trainers.data.SyntheticShapesDataModule\n  init_args:\n"
-                   "    num_classes: 3\n    image_size: 32\n    train_size: 4\n    val_size: 6\n    test_size: 4\n"
-                   "    batch_size: 4\n")
+                   "    num_classes: 3\n    image_size: 64\n    train_size: 4\n    val_size: 6\n    test_size: 4\n"
+                   "    batch_size: 4\n")  # 64 px: a 2x2 last stage (at 32 px it is 1x1 and every CAM is constant)
     out = tmp_path / "eval"
     res = eval_script.main(["--weights", str(w), "--model", "baseline", "--model-kwargs", '{"backbone": "resnet18"}',
                             "--data-config", str(cfg), "--split", "val", "--device", "cpu", "--out", str(out),
