@@ -166,6 +166,7 @@ def cascading_randomization(model: nn.Module, explainer: Union[str, Callable[[nn
             out[key] = t
             out[f"mean_{key}"] = [float(x) for x in t.mean(1)]
     out["flagged"] = bool(out["mean_spearman"][-1] >= flag_threshold)
+    out["mean_over_steps"] = float(sum(out["mean_spearman"][1:]) / max(1, len(out["mean_spearman"]) - 1))
     out["flag_threshold"] = float(flag_threshold)
     out["maps"] = maps_per_step
     return out
