@@ -261,3 +261,18 @@ def test_rsp_refuses_what_it_cannot_do(net):
         create_explainer("rsp", vit)(torch.rand(1, 3, 32, 32), torch.tensor([0]))
     with pytest.raises(ValueError, match="hostile"):
         RSP(net, hostile="all")
+
+
+def test_plain_timm_model_ucag_and_rsp():
+    """A user's timm model (no zoo wrapper, no cam_target_layer): pass target_layers by name."""
+    import timm
+
+    torch.manual_seed(0)
+    m = timm.create_model("resnet10t", num_classes=3).eval()
+    x, t = torch.rand(2, 3, 32, 32), torch.tensor([0, 2])
+    s = create_explainer("ucag:gradcam", m, target_layers="layer2", n_units=2)(x, t)
+    assert s.shape == (2, 32, 32) and s.max() == 1
+    e = create_explainer("rsp", m, target_layers="layer2")
+    assert e(x, t).shape == (2, 32, 32)
+    v0 = e.last_info["layer_sums"][0][1]
+    assert all(torch.allclose(v, v0, atol=1e-4) for _, v in e.last_info["layer_sums"])
