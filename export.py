@@ -29,6 +29,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
     try:
         module = load_module(args.checkpoint)
+        dm = load_datamodule(args.checkpoint)  # allow-listed class only (issue 13 item 1)
     except (FileNotFoundError, RuntimeError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     model = module.model.eval()
@@ -38,7 +39,6 @@ def main(argv: Optional[List[str]] = None) -> dict:
     kwargs.pop("backbone_weights", None)
     if hp.get("in_chans") is not None:
         kwargs.setdefault("in_chans", hp["in_chans"])
-    dm = load_datamodule(args.checkpoint)
     size = args.image_size or (dm.hparams.get("image_size") if dm is not None else None) or 224
     card = save_model_card(model, args.out, hp.get("model", "baseline"), kwargs,
                            extra={"class_names": list(getattr(dm, "class_names", []) or []), "image_size": size})

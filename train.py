@@ -54,8 +54,28 @@ class ZooCLI(LightningCLI):
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="after fit, evaluate the best (validation-selected) checkpoint on the test split")
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's version re-parses the checkpoint's hyper-parameters over the config: a ``class_path`` read
+        from the file is imported, and command-line overrides are silently replaced (issue 13, items 1 and 9).
+        Here the model is built from the config and command line only; the checkpoint is read safely and
+        checked (allow-listed class, known hyper-parameters, no file-pointing timm kwargs), and a fit that
+        resumes with different settings is refused (``trainers/callbacks.py: check_resume``)."""
+        sub = self.config.get("subcommand")
+        if not sub:
+            return
+        ckpt_path = self.config[sub].get("ckpt_path")
+        if ckpt_path and os.path.exists(str(ckpt_path)):
+            from trainers.classification import check_checkpoint, read_checkpoint
+
+            try:
+                check_checkpoint(read_checkpoint(str(ckpt_path)))
+            except (FileNotFoundError, RuntimeError, ValueError) as e:
+                raise SystemExit(f"error: --ckpt_path {ckpt_path}: {e}") from None
+
     def before_instantiate_classes(self) -> None:
         cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        if self.subcommand and "weights_only" in cfg and cfg.get("weights_only") is None:
+            cfg.weights_only = True  # --ckpt_path is read without unpickling (even if torch's default changes)
         trainer = cfg.trainer
         root = trainer.default_root_dir or "checkpoints/run"
         trainer.default_root_dir = root

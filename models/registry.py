@@ -7,11 +7,15 @@ num_classes=200)``) and list them with :func:`list_models`.
 from __future__ import annotations
 
 import fnmatch
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Mapping, Optional
 
 from torch import nn
 
-__all__ = ["register_model", "create_model", "list_models", "is_model", "model_entrypoint"]
+__all__ = ["register_model", "create_model", "list_models", "is_model", "model_entrypoint", "check_model_kwargs"]
+
+#: timm keyword arguments that make timm read or download a file (refused: ``backbone_weights`` is the safe door).
+FILE_KWARGS = ("checkpoint_path", "pretrained_cfg_overlay", "pretrained_cfg", "cache_dir", "weights_only",
+               "pretrained_strict")
 
 _MODELS: Dict[str, Callable[..., nn.Module]] = {}
 #: tiny kwargs for each model so the registry-wide contract test can build it fast.
@@ -69,6 +73,26 @@ def test_kwargs(name: str) -> dict:
     return dict(_TEST_KWARGS[name])
 
 
+def check_model_kwargs(kwargs: Mapping, field: str = "model_kwargs") -> None:
+    """Refuse keyword arguments that would point timm at a file or URL (``backbone_kwargs.checkpoint_path``,
+    ``pretrained_cfg_overlay={file: ...}``...): timm would read it outside the zoo's safe loader. The error
+    names the field (e.g. ``hyper_parameters.model_kwargs.backbone_kwargs.checkpoint_path``)."""
+    if not isinstance(kwargs, Mapping):
+        raise ValueError(f"{field} must be a dict of keyword arguments, got {type(kwargs).__name__}.")
+    subs = [(field, kwargs)] + [(f"{field}.{k}", v) for k, v in kwargs.items() if k.endswith("_kwargs")]
+    for where, sub in subs:
+        if sub is None:
+            continue
+        if not isinstance(sub, Mapping):
+            raise ValueError(f"{where} must be a dict of keyword arguments, got {type(sub).__name__}.")
+        for k in sub:
+            if k in FILE_KWARGS:
+                raise ValueError(
+                    f"{where}.{k} is refused: it makes timm read or download a file outside the zoo's safe loader. "
+                    "Load local weights with backbone_weights=PATH (read with safetensors / weights_only=True and "
+                    "checked key by key) or use pretrained=True for timm's hub weights.")
+
+
 def create_model(name: str, checkpoint_path: Optional[str] = None, **kwargs) -> nn.Module:
     """Build a registered model; optionally load zoo weights from ``checkpoint_path``.
 
@@ -78,6 +102,7 @@ def create_model(name: str, checkpoint_path: Optional[str] = None, **kwargs) -> 
     into a mechanism is allowed: the keys the mechanism adds are reported as new, nothing else may
     be missing.
     """
+    check_model_kwargs(kwargs, "kwargs")
     model = model_entrypoint(name)(**kwargs)
     if checkpoint_path:
         from .weights import load_weights

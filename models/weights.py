@@ -10,14 +10,17 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["WeightLoadError", "LoadReport", "read_state_dict", "load_weights", "save_weights", "clean_state_dict"]
+__all__ = ["WeightLoadError", "LoadReport", "read_state_dict", "load_weights", "save_weights", "clean_state_dict",
+           "atomic_write", "describe_error"]
 
 
 class WeightLoadError(RuntimeError):
@@ -44,6 +47,40 @@ class LoadReport:
         return "; ".join(lines)
 
 
+def describe_error(e: BaseException, limit: int = 200) -> str:
+    """``"TypeName: first line of the message"`` (safe for empty messages, e.g. ``EOFError()``)."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:limit]}" if lines else f"{type(e).__name__} (no message)"
+
+
+@contextlib.contextmanager
+def atomic_write(path: Union[str, os.PathLike], mode: str = "wb") -> Iterator:
+    """Write ``path`` atomically: a temp file **in the same folder** (never ``$TMPDIR``, which may be on
+    another filesystem), ``fsync``, then ``os.replace``. A crash or SIGKILL at any point leaves the previous
+    file intact (at worst a hidden ``.<name>.<random>.tmp`` next to it)."""
+    path = os.path.abspath(os.fspath(path))
+    folder, name = os.path.split(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # persist the rename itself (POSIX)
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
 def _short(keys: Sequence[str], n: int = 8) -> str:
     keys = list(keys)
     return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n} more)" if len(keys) > n else "")
@@ -52,6 +89,9 @@ def _short(keys: Sequence[str], n: int = 8) -> str:
 def read_state_dict(path: Union[str, os.PathLike]) -> Dict[str, Tensor]:
     """Read tensors from a safetensors file, a state dict or a Lightning checkpoint, safely."""
     path = os.fspath(path)
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise WeightLoadError(f"Weights file {path!r} is empty (0 bytes): an interrupted copy or save. "
+                              "Use another checkpoint (e.g. last.ckpt / best.ckpt) or re-export the model.")
     if not os.path.isfile(path):
         raise WeightLoadError(f"Weights file {path!r} does not exist. Check the path (or train a model "
                               "first: python train.py fit --config configs/baseline/synthetic.yaml).")
@@ -64,7 +104,7 @@ def read_state_dict(path: Union[str, os.PathLike]) -> Dict[str, Tensor]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupted / not a weights file / would need unpickling
         raise WeightLoadError(
-            f"Could not read weights from {path!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+            f"Could not read weights from {path!r} ({describe_error(e)}). "
             "The file is corrupted, truncated, or contains pickled Python objects that are not loaded "
             "for safety (only tensors are read, with weights_only=True). Re-export it as .safetensors "
             "or as a plain state dict."
@@ -96,11 +136,12 @@ def clean_state_dict(obj) -> Dict[str, Tensor]:
 
 def load_weights(model: nn.Module, source: Union[str, os.PathLike, Mapping[str, Tensor]],
                  allowed_missing: Iterable[str] = (), allowed_unexpected: Iterable[str] = (),
-                 skip: Iterable[str] = (), verbose: bool = True) -> LoadReport:
+                 skip: Iterable[str] = (), verbose: bool = True, allow_fresh_mechanism: bool = True) -> LoadReport:
     """Load ``source`` into ``model`` and report; fail unless the mismatch is allowed.
 
     Allowed without error: missing keys starting with ``model.mechanism_prefixes`` (the mechanism's
-    own new parameters, e.g. loading a baseline into CA-Stream) or with ``allowed_missing``, and
+    own new parameters, e.g. loading a baseline into CA-Stream to *train* it; not with
+    ``allow_fresh_mechanism=False``, used by evaluation and export) or with ``allowed_missing``, and
     unexpected keys starting with ``allowed_unexpected``. Keys starting with ``skip`` are not loaded
     (e.g. ``skip=("fc.",)`` to fine-tune on new classes with a fresh head) and are reported as new.
     """
@@ -109,7 +150,8 @@ def load_weights(model: nn.Module, source: Union[str, os.PathLike, Mapping[str, 
     if skip:
         sd = {k: v for k, v in sd.items() if not k.startswith(skip)}
     own = model.state_dict()
-    mech = tuple(getattr(model, "mechanism_prefixes", ())) + tuple(allowed_missing) + skip
+    mech_prefixes = tuple(getattr(model, "mechanism_prefixes", ()))
+    mech = (mech_prefixes if allow_fresh_mechanism else ()) + tuple(allowed_missing) + skip
     rep = LoadReport()
     for k in own:
         if k not in sd:
@@ -119,13 +161,9 @@ def load_weights(model: nn.Module, source: Union[str, os.PathLike, Mapping[str, 
     rep.shape_mismatch = [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
                           for k in sd if k in own and sd[k].shape != own[k].shape]
     if rep.missing or rep.unexpected or rep.shape_mismatch:
-        hint = ""
-        if any(k.split(" ")[0].endswith(("fc.weight", "fc.bias", "head.weight", "head.bias"))
-               for k in rep.shape_mismatch):
-            hint = (" The classifier has a different number of classes: to fine-tune on new classes, start a "
-                    "new head with `reset_head: true` next to `checkpoint_path` in the config (or "
-                    "load_weights(model, PATH, skip=('fc.',)) in Python).")
-        raise WeightLoadError(f"Weights do not fit {type(model).__name__}: {rep}.{hint}")
+        fresh = [k for k in rep.missing if mech_prefixes and k.startswith(mech_prefixes)]
+        raise WeightLoadError(f"Weights do not fit {type(model).__name__}: {rep}."
+                              + _mismatch_hint(model, sd, own, rep, fresh))
     to_load = {k: v for k, v in sd.items() if k in own}
     model.load_state_dict(to_load, strict=False)
     rep.loaded = len(to_load)
@@ -134,14 +172,68 @@ def load_weights(model: nn.Module, source: Union[str, os.PathLike, Mapping[str, 
     return rep
 
 
+_HEAD_KEYS = ("fc.weight", "fc.bias", "head.weight", "head.bias")
+
+
+def _top(keys: Iterable[str]) -> List[str]:
+    """Top-level names of state-dict keys (``stream.blocks.0.w`` -> ``stream.*``)."""
+    return sorted({k.split(".")[0] + ("." if "." in k else "") for k in keys})
+
+
+def _guess_source_model(unexpected: Sequence[str]) -> List[str]:
+    """Registered models whose own (mechanism) parameters explain every unexpected key."""
+    try:
+        from .registry import _MODELS, _ensure_loaded
+
+        _ensure_loaded()
+    except Exception:  # never let the error message itself fail
+        return []
+    out = []
+    for name, entry in _MODELS.items():
+        pre = tuple(getattr(entry, "mechanism_prefixes", ()) or ())
+        if pre and unexpected and all(k.startswith(pre) for k in unexpected):
+            out.append(name)
+    return out
+
+
+def _mismatch_hint(model: nn.Module, sd: Mapping[str, Tensor], own: Mapping[str, Tensor], rep: LoadReport,
+                   fresh: Sequence[str]) -> str:
+    """Name the real mismatch: class count, classifier input width, another mechanism, missing mechanism."""
+    name, hints = type(model).__name__, []
+    for k in sd:
+        if k in own and k.endswith(_HEAD_KEYS) and sd[k].shape != own[k].shape:
+            a, b = tuple(sd[k].shape), tuple(own[k].shape)
+            if a[0] != b[0]:
+                hints.append(f"The classifier has {a[0]} classes in the file and {b[0]} in the model: to fine-tune "
+                             "on new classes, start a new head with `reset_head: true` next to `checkpoint_path` in "
+                             "the config (or load_weights(model, PATH, skip=('fc.',)) in Python).")
+            else:
+                hints.append(f"Both classifiers have {a[0]} classes but `{k}` takes a different input ({a} in the "
+                             f"file, {b} in the model): the file was saved from another mechanism or backbone.")
+            break
+    if rep.unexpected:
+        guess = _guess_source_model(rep.unexpected)
+        hints.append(f"The file holds parameters {name} does not have ({', '.join(_top(rep.unexpected))})"
+                     + (f": it looks like a {' / '.join(repr(g) for g in guess)} model" if guess else "")
+                     + "; load it into the model it was saved from.")
+    if fresh:
+        hints.append(f"The file has no weights for the mechanism's own parameters ({', '.join(_top(fresh))}): "
+                     "it is probably a plain baseline. Evaluating or exporting it as "
+                     f"{name} would use random mechanism weights; use the model the file was saved from (e.g. "
+                     "--model baseline), or train the mechanism first (checkpoint_path: FILE in a training config).")
+    elif rep.missing and not rep.unexpected:
+        hints.append(f"The file lacks {', '.join(_top(rep.missing))}: it was saved from a different model.")
+    return (" " + " ".join(hints)) if hints else ""
+
+
 def save_weights(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     """Save a model's weights as safetensors (or a plain state dict for other suffixes)."""
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if path.endswith(".safetensors"):
-        from safetensors.torch import save_file
+    with atomic_write(path) as f:  # temp file in the same folder + os.replace
+        if path.endswith(".safetensors"):
+            from safetensors.torch import save
 
-        save_file(sd, path)
-    else:
-        torch.save(sd, path)
+            f.write(save(sd))
+        else:
+            torch.save(sd, f)
