@@ -308,3 +308,26 @@ def test_runner_knows_the_new_metrics(net):
         assert math.isfinite(res["gradcam"][k]), k
     assert math.isnan(res["ucag:gradcam"]["axcons"])  # no channel weights: not defined, reported as NaN
     assert 0 <= res["gradcam"]["rins"] <= 19
+
+
+def test_eval_entry_points_sanity_and_dropout_ranking(net, tmp_path):
+    import json
+    import os
+
+    from models.metrics import run_interpretability
+    from models.metrics.sanity import evaluate_sanity, layer_dropout_ranking
+
+    g = torch.Generator().manual_seed(1)
+    mask = torch.zeros(4, 32, 32, dtype=torch.long)
+    mask[:, 4:20, 6:22] = torch.tensor([1, 2, 3, 1]).view(4, 1, 1)
+    loader = [{"image": torch.rand(4, 3, 32, 32, generator=g), "label": torch.tensor([0, 1, 2, 0]), "mask": mask}]
+    out = evaluate_sanity(net, loader, ["gradcam"], str(tmp_path), max_images=2, target_layers=2)
+    assert all(os.path.exists(f) for f in out["files"])
+    with open(out["files"][0]) as f:
+        assert json.load(f)["explainers"]["gradcam"]["mean_spearman"][0] == pytest.approx(1, abs=1e-4)
+    r = layer_dropout_ranking(net, loader, ["gradcam", "random"], metric="epg", p=0.2, repeats=2, target_layers=2)
+    det = run_interpretability(net, loader, ["gradcam", "random"], ("epg",), progress=False, sanity=False,
+                               target_layers=2)
+    assert r["deterministic"]["gradcam"] == pytest.approx(det["gradcam"]["epg"])
+    assert len(r["dropout_runs"]["gradcam"]) == 2 and -1 <= r["kendall_tau"] <= 1
+    assert r["dropout_mean"]["gradcam"] != pytest.approx(r["deterministic"]["gradcam"])  # dropout acted

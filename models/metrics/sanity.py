@@ -13,7 +13,7 @@ Spearman 0 with any other map (1 with an identical one). Guided backprop is the 
 
 **Layer-dropout ranking** (seed 002 §5.4): the explainers' ranking on a metric with the model as trained vs
 the mean over ``repeats`` passes with dropout (rate ``p``) after every backbone stage turned on at evaluation
-(:func:`mc_dropout`, forward hooks on ``model.backbone.taps``); agreement = Kendall's tau of the two rankings
+(:func:`mc_dropout`, forward hooks on the backbone's stage modules); agreement = Kendall's tau of the two rankings
 and whether the best method is the same.
 """
 from __future__ import annotations
@@ -207,14 +207,17 @@ def plot_sanity(results: Dict[str, dict], path: str, title: str = "Cascading ran
 # ---------------------------------------------------------------------------------------------- layer dropout
 @contextlib.contextmanager
 def mc_dropout(model: nn.Module, p: float = 0.1, layers: Optional[Sequence[nn.Module]] = None):
-    """Dropout with rate ``p`` on the outputs of ``layers`` (default ``model.backbone.taps``), on even in eval."""
+    """Dropout with rate ``p`` on the outputs of ``layers``, on even in eval. Default: every backbone stage module
+    (``model.backbone.body`` by ``stage_names``: the taps of earlier stages are side outputs, dropping them would
+    not reach the classifier)."""
     if not 0 <= p < 1:
         raise ValueError(f"dropout rate must be in [0, 1), got {p}.")
     if layers is None:
-        taps = getattr(getattr(model, "backbone", None), "taps", None)
-        if taps is None:
-            raise ValueError("mc_dropout needs model.backbone.taps or explicit layers.")
-        layers = list(taps)
+        bb = getattr(model, "backbone", None)
+        names = getattr(bb, "stage_names", None)
+        if bb is None or names is None:
+            raise ValueError("mc_dropout needs a zoo model (model.backbone.stage_names) or explicit layers.")
+        layers = [bb.body.get_submodule(n) for n in names]
     handles = [m.register_forward_hook(lambda mod, i, o: F.dropout(o, p, training=True)) for m in layers]
     try:
         yield
