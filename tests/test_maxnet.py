@@ -1,0 +1,315 @@
+"""MAXNet (seed 000 ch. 3): equations, batch independence, numerical safety, HAM, PCR, the MNI benchmark."""
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from models import create_model
+from models.explainers import create_explainer
+from models.maxnet import (DualAttention, MAXNet, ReferenceSet, build_reference_set, cluster_contrastive_losses,
+                           min_shift_normalize, neg_log_distance, prototype_distances, reference_path_for,
+                           swap_confidences, top_fraction_mask)
+
+TINY = dict(stream_widths=(4, 5, 6, 6, 6), embed_dim=4, latent_dim=8, prototypes_per_class=2)
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    return create_model("maxnet", num_classes=2, **{**TINY, **kw})
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = tiny().eval()
+    with torch.no_grad():  # non-trivial BN statistics
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm3d):
+                mod.running_mean.uniform_(-0.1, 0.1)
+                mod.running_var.uniform_(0.5, 1.5)
+    return m
+
+
+@pytest.fixture(scope="module")
+def x():
+    return torch.rand(3, 1, 32, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+# ------------------------------------------------------------------------------------------------ network
+def test_shapes_through_every_stage(model, x):
+    with torch.no_grad():
+        out = model.run(x)
+    grids = [32, 16, 8, 4, 2]  # padding 1, pools after stages 1-4 (spec §2 table)
+    for f, c, g in zip(out["F"], TINY["stream_widths"], grids):
+        assert f.shape == (3, c, g, g, g)
+    assert out["Ft3"].shape == (3, 4, 8, 8, 8) and out["Ft4"].shape == (3, 4, 4, 4, 4)
+    assert out["Gk3"].shape == (3, 4, 8, 8, 8)
+    assert out["R3"].shape == (3, 4, 512) and out["RD4"].shape == (3, 4, 4)
+    assert out["Z"].shape == (3, 8, 8, 8, 8) and out["dist"].shape == (3, 4) and out["logits"].shape == (3, 2)
+    assert model.latent_map(x).shape == (3, 1, 8, 8, 8)
+    # official "valid" convolutions shrink the grids
+    m0 = tiny(conv_padding=0).eval()
+    with torch.no_grad():  # 40 -conv-> 38 -pool-> 19 -conv-> 17 -pool-> 9 -conv-> 7
+        assert m0.run(torch.rand(1, 1, 40, 40, 40))["F"][2].shape[2:] == (7, 7, 7)
+
+
+def test_dam_weights_are_distributions_and_formulas(model, x):
+    with torch.no_grad():
+        out = model.run(x)
+        f3, g5 = out["F"][2], out["F"][4]
+        dam = model.dam[0]
+        q, gk = dam.embed(f3, g5)
+    for r, dims in ((out["R3"], (2,)), (out["R4"], (2,)), (out["RD3"], (1, 2)), (out["RD4"], (1, 2))):
+        assert (r >= 0).all()
+        assert torch.allclose(r.sum(dims), torch.ones(()), atol=1e-5)
+    # naive eq 3.3-3.8 for sample 1
+    b = 1
+    qf, gf = q[b].flatten(1), gk[b].flatten(1)
+    c = qf * gf
+    r = (c - c.min(1, keepdim=True).values) / (c - c.min(1, keepdim=True).values).sum(1, keepdim=True)
+    S, K = qf.shape[1], qf.shape[0]
+    a = torch.zeros(K, K)
+    for i in range(K):
+        for j in range(K):
+            a[i, j] = (qf[i] * gf[j]).sum()
+    rd = (a - a.min()) / (a - a.min()).sum()
+    d = torch.zeros_like(qf)
+    for j in range(K):
+        for i in range(K):
+            d[j] += rd[i, j] * qf[i]
+    beta = model.beta.detach()
+    ft = beta[0, 0] * S * r * qf + beta[0, 1] * K * d
+    assert torch.allclose(out["Ft3"][b].flatten(1), ft, atol=1e-4, rtol=1e-4)
+
+
+def test_batch_equals_one_at_a_time(model, x):
+    """Per-sample normalisation: a volume's outputs never depend on its batch mates (official code fails)."""
+    with torch.no_grad():
+        full = model.run(x)
+        for i in range(x.shape[0]):
+            one = model.run(x[i:i + 1])
+            for k in ("logits", "dist", "Ft3", "Ft4", "R3", "RD3", "R4", "RD4"):
+                assert torch.allclose(full[k][i:i + 1], one[k], atol=1e-5, rtol=1e-4), k
+    # the DAM alone, in train mode, with very different batch mates
+    dam = DualAttention(6, 6, 4).train()
+    f, g = torch.rand(2, 6, 8, 8, 8), torch.rand(2, 6, 2, 2, 2)
+    f[1] *= 1000
+    q, gk = dam.embed(f, g)
+    both = dam(f, q, gk)
+    q0, gk0 = dam.embed(f[:1], g[:1])
+    alone = dam(f[:1], q0, gk0)
+    for k in ("P", "D", "R", "RD"):
+        assert torch.allclose(both[k][:1], alone[k], atol=1e-5, rtol=1e-5)
+
+
+def test_mfm_betas_and_latent_projection_get_gradients(x):
+    m = tiny().train()
+    out = m.run(x)
+    loss = F.cross_entropy(out["logits"], torch.tensor([0, 1, 0]))
+    cls, ctr = cluster_contrastive_losses(out["dist"], torch.tensor([0, 1, 0]), m.proto_class)
+    (loss + 0.6 * cls + 0.06 * ctr).backward()
+    for p in (m.beta, m.latent.weight, m.prototypes, m.dam[0].w_f.weight, m.dam[1].w_a.weight, m.fc.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    assert m.beta.shape == (2, 2) and torch.equal(m.beta.detach(), torch.full((2, 2), 0.5))
+    # last layer init: 1 to own class, -0.5 to the other
+    assert torch.equal(m.fc.weight[0], torch.tensor([1.0, 1.0, -0.5, -0.5]))
+
+
+def test_head_distances_and_similarity_formula():
+    z = torch.rand(2, 5, 7)
+    protos = torch.rand(3, 5)
+    d = prototype_distances(z, protos)
+    ref = torch.stack([torch.stack([((z[b, :, v] - protos[j]) ** 2).sum() for v in range(7)]).min()
+                       for b in range(2) for j in range(3)]).view(2, 3)
+    assert torch.allclose(d, ref, atol=1e-5)
+    m = tiny().eval()
+    with torch.no_grad():
+        out = m.run(torch.rand(1, 1, 16, 16, 16))
+    assert torch.allclose(out["sim"], -torch.log(out["dist"] + 1e-4))
+    assert torch.allclose(out["logits"], out["sim"] @ m.fc.weight.t())
+
+
+def test_cluster_loss_falls_toward_prototype_and_contrastive_matches_loop():
+    protos = torch.rand(4, 6)
+    pc = torch.tensor([0, 0, 1, 1])
+    labels = torch.tensor([0, 1, 1])
+    z = torch.rand(3, 6, 10)
+    target = protos[[0, 2, 3]]
+    prev = None
+    for t in (0.0, 0.3, 0.6, 0.9):
+        zt = z.clone()
+        zt[:, :, 4] = (1 - t) * z[:, :, 4] + t * target  # one voxel moves toward a true-class prototype
+        cls, _ = cluster_contrastive_losses(prototype_distances(zt, protos), labels, pc)
+        if prev is not None:
+            assert cls < prev
+        prev = cls
+    d = torch.rand(5, 4) * 3
+    y = torch.tensor([0, 1, 1, 0, 1])
+    cls, ctr = cluster_contrastive_losses(d, y, pc)
+    naive_cls = sum(min(d[b, j] for j in range(4) if pc[j] == y[b]) for b in range(5)) / 5
+    naive_ctr = -sum(min(d[b, j] for j in range(4) if pc[j] != y[b]) for b in range(5)) / 5
+    assert torch.allclose(cls, naive_cls) and torch.allclose(ctr, naive_ctr)
+    _, ctr_c = cluster_contrastive_losses(d, y, pc, clamp=0.5)
+    assert ctr_c >= -0.5
+
+
+def test_numerical_safety():
+    for c in (torch.zeros(2, 3, 10), torch.full((2, 3, 10), 7.0), torch.rand(2, 3, 10) * 1e30,
+              torch.tensor([[[3e38, -3e38, 0.0, float("inf"), float("nan")]]]), torch.rand(2, 3, 10) * 1e-30):
+        r = min_shift_normalize(c, dims=(2,))
+        assert torch.isfinite(r).all() and (r >= 0).all()
+        assert torch.allclose(r.sum(2), torch.ones(()), atol=1e-5)
+    assert torch.allclose(min_shift_normalize(torch.full((1, 4), 2.0), (1,)), torch.full((1, 4), 0.25))
+    s = neg_log_distance(torch.tensor([0.0, 1e-30, 1.0, 1e30, 3e38, float("inf"), -1e-7]))
+    assert torch.isfinite(s).all() and s.max() <= -np.log(1e-4) + 1e-4
+    m = tiny().eval()
+    with torch.no_grad():
+        for xx in (torch.zeros(2, 1, 16, 16, 16), torch.ones(2, 1, 16, 16, 16), torch.rand(2, 1, 16, 16, 16) * 1e6):
+            assert torch.isfinite(m(xx)).all()
+    _, sal = m.forward_explain(torch.zeros(1, 1, 16, 16, 16))
+    assert torch.isfinite(sal).all()
+
+
+# ------------------------------------------------------------------------------------------------ HAM
+def test_ham_equals_explainer_and_has_input_resolution(model, x):
+    logits, sal = model.forward_explain(x)
+    assert sal.shape == (3, 32, 32, 32) and sal.min() >= 0 and sal.max() <= 1
+    assert torch.allclose(logits, model(x).detach(), atol=1e-5)
+    ref = create_explainer("ham", model)(x)
+    assert torch.allclose(sal, ref, atol=1e-6)
+    t = torch.tensor([1, 0, 1])
+    assert torch.allclose(model.explain(x, t), create_explainer("ham", model)(x, t), atol=1e-6)
+    with torch.inference_mode():  # Lightning validation
+        assert torch.allclose(model.explain(x), sal, atol=1e-6)
+
+
+def test_ham_is_zero_where_all_activations_are_zero(model, x):
+    def zero_front(mod, inp, out):
+        out = out.clone()
+        out[:, :, : out.shape[2] // 2] = 0  # first half along depth, at every stage
+        return out
+
+    hs = [t.register_forward_hook(zero_front) for t in model.backbone.taps[2:]]
+    try:
+        _, sal = model.forward_explain(x)
+    finally:
+        for h in hs:
+            h.remove()
+    # stage 5 (2 slices) -> 8 -> 32 trilinear: input slices 0..5 only see zero stage slices
+    assert sal[:, :6].abs().max() == 0 and sal[:, 16:].max() > 0
+
+
+# ------------------------------------------------------------------------------------------------ PCR
+def test_pcr_equals_brute_force_and_roundtrips(tmp_path, model, x):
+    g = torch.Generator().manual_seed(3)
+    refs = torch.rand(20, 512, generator=g)
+    ref = ReferenceSet(refs, torch.randint(0, 2, (20,), generator=g), torch.randint(0, 2, (20,), generator=g),
+                       torch.arange(20), (8, 8, 8))
+    path = ref.save(reference_path_for(str(tmp_path / "best.ckpt")))
+    assert path.endswith("best.pcr.safetensors") and not list(tmp_path.glob("*.tmp"))
+    loaded = ReferenceSet.load(path)
+    qm = torch.rand(4, 512, generator=g)
+    qp = torch.tensor([0, 1, 1, 0])
+    idx, dist = loaded.retrieve(qm, qp, k=3, chunk=7)
+    for b in range(4):
+        cands = [(((refs[j] - qm[b]) ** 2).mean().item(), j) for j in range(20) if ref.preds[j] == qp[b]]
+        best = sorted(cands)[:3]
+        assert idx[b].tolist() == [j for _, j in best]
+        assert np.allclose(dist[b].numpy(), [d for d, _ in best], atol=1e-6)
+    with pytest.raises(ValueError, match="voxels"):
+        loaded.retrieve(torch.rand(1, 10), torch.tensor([0]))
+    # built from a model: maps are eq 3.16 class latent maps in [0, 1] on the stage-3 grid
+    loader = [{"image": x, "label": model(x).argmax(1)}]
+    rs = build_reference_set(model, loader)
+    assert len(rs) == 3 and rs.grid == (8, 8, 8) and rs.maps.min() >= 0 and rs.maps.max() <= 1
+    rho_d, rho_i = swap_confidences(model, x, rs.maps, rs.maps, rs.grid)
+    assert (rho_d.abs() <= 1 + 1e-6).all()
+    assert (rho_i.abs() <= 1 + 1e-6).all()
+    m = top_fraction_mask(rs.maps.view(3, 8, 8, 8), (32, 32, 32), 0.1)
+    assert m.shape == (3, 32, 32, 32) and (m.flatten(1).sum(1) == round(0.1 * 32 ** 3)).all()
+
+
+def test_swap_confidence_is_cosine_of_logit_changes(model, x):
+    g = torch.Generator().manual_seed(5)
+    pk, pc = torch.rand(3, 512, generator=g), torch.rand(3, 512, generator=g)
+    rho_d, rho_i = swap_confidences(model, x, pk, pc, (8, 8, 8), q=0.2)
+    mk = top_fraction_mask(pk.view(3, 8, 8, 8), (32,) * 3, 0.2).unsqueeze(1).float()
+    mc = top_fraction_mask(pc.view(3, 8, 8, 8), (32,) * 3, 0.2).unsqueeze(1).float()
+    with torch.no_grad():
+        s, sk, sc, sk2, sc2 = (model(v) for v in (x, x * (1 - mk), x * (1 - mc), x * mk, x * mc))
+    assert torch.allclose(rho_d, F.cosine_similarity(s - sk, s - sc, dim=1, eps=1e-12), atol=1e-4)
+    assert torch.allclose(rho_i, F.cosine_similarity(sk2, sc2, dim=1, eps=1e-12), atol=1e-4)
+    # identical masks -> cosine 1
+    rd, ri = swap_confidences(model, x, pk, pk, (8, 8, 8))
+    assert torch.allclose(ri, torch.ones(3), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ MNI data
+mni = pytest.importorskip("trainers.data.mni")
+
+
+@pytest.fixture(scope="module")
+def mni_set():
+    pytest.importorskip("nilearn")
+    pytest.importorskip("torchio")
+    return mni.MNIAtrophy("train", 48, seed=0, resolution=4)
+
+
+def test_mni_deterministic_and_mask_is_exactly_the_change(mni_set):
+    a = mni_set.render(5, twin=True)
+    b = mni.MNIAtrophy("train", 48, seed=0, resolution=4, cache=False).render(5)
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+    c = mni.MNIAtrophy("val", 48, seed=0, resolution=4, cache=False).render(5)
+    assert not torch.equal(a["image"], c["image"])
+    assert a["label"] == 1 and a["image"].shape == (1, 38, 47, 40) and 0 <= a["image"].min() and a["image"].max() <= 1
+    changed = (a["image"] != a["image_healthy"])[0]
+    gt = a["mask"] > 0
+    assert gt.sum() > 100 and set(a["mask"].unique().tolist()) == {0, 2}
+    assert not (changed & ~gt).any(), "a voxel outside the mask changed"
+    assert not (gt & a["unclipped"] & ~changed).any(), "a mask voxel did not change"
+    h = mni_set.render(4, twin=True)
+    assert h["label"] == 0 and h["mask"].sum() == 0 and torch.equal(h["image"], h["image_healthy"])
+
+
+def test_mni_class_not_readable_from_mean_intensity(mni_set):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+
+    feats = np.array([[mni_set[i]["image"].mean().item()] for i in range(len(mni_set))])
+    labels = np.array([mni_set.label_of(i) for i in range(len(mni_set))])
+    acc = cross_val_score(LogisticRegression(), (feats - feats.mean()) / feats.std(), labels, cv=4).mean()
+    assert acc < 0.7, f"mean intensity predicts the class ({acc:.2f})"
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+def test_two_phase_training_and_pcr_file(tmp_path):
+    pytest.importorskip("torchio")
+    from trainers.maxnet import MAXNetModule, PCRReferenceCallback
+
+    class Record(pl.Callback):
+        def __init__(self):
+            self.rows = []
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            with torch.no_grad():
+                out = module.model.run(batch["image"])
+            self.rows.append((module.phase(), float(outputs["loss"]),
+                              float(F.cross_entropy(out["logits"], batch["label"]))))
+
+    pl.seed_everything(0)
+    dm = mni.MNIAtrophyDataModule(train_size=8, val_size=4, test_size=4, batch_size=4)
+    module = MAXNetModule(model_kwargs=TINY, num_classes=2, ce_only_epochs=1,
+                          optimizer={"name": "adam", "lr": 0.0, "weight_decay": 5e-4})
+    assert [g.get("weight_decay") for g in module.configure_optimizers().param_groups] == [0.0, 5e-4]
+    rec, pcr = Record(), PCRReferenceCallback()
+    ck = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, filename="best", monitor="val/acc", mode="max")
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, callbacks=[rec, pcr, ck])
+    trainer.fit(module, dm)
+    phases = [r[0] for r in rec.rows]
+    assert phases == [1, 1, 2, 2]
+    for ph, loss, ce in rec.rows:  # lr 0: the model does not move, BN in train mode both times
+        assert (abs(loss - ce) < 1e-4) == (ph == 1)
+    assert pcr.saved_path == str(tmp_path / "best.pcr.safetensors")
+    rs = ReferenceSet.load(pcr.saved_path)
+    assert rs.maps.shape[1] == int(np.prod(rs.grid)) and len(rs) <= 8
