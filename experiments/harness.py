@@ -200,17 +200,22 @@ def tap_sizes(model: torch.nn.Module, image_size, in_chans: Optional[int] = None
     return sizes
 
 
-def explain_layer_for(model: torch.nn.Module, image_size, min_size: int = 7, in_chans: Optional[int] = None) -> int:
+def explain_layer_for(model: torch.nn.Module, image_size, min_size: int = 7,
+                      in_chans: Optional[int] = None) -> Optional[int]:
     """Index ``i`` of the deepest tap ``model.backbone.taps[i]`` whose map is at least ``min_size`` in every
     spatial dimension at ``image_size`` (issue 14 item 3: an explained layer that can be right). If no tap is
-    that large, the tap with the largest map (the shallowest) is returned and a warning printed.
-    Pass the index as ``target_layers`` to :func:`models.explainers.create_explainer`.
+    that large, the tap with the largest map (the deepest of equals, so ViT taps that are side outputs are not
+    chosen) is returned and a warning printed.
+    Pass the index as ``target_layers`` to :func:`models.explainers.create_explainer`. Models without
+    ``backbone.taps`` (e.g. eX-ViT, whose encoder is its own ViT) give ``None``: their ``cam_target_layer()``.
     """
+    if not hasattr(getattr(model, "backbone", None), "taps"):
+        return None
     sizes = tap_sizes(model, image_size, in_chans)
     ok = [i for i, s in enumerate(sizes) if min(s) >= int(min_size)]
     if ok:
         return ok[-1]
-    best = max(range(len(sizes)), key=lambda i: (min(sizes[i]), -i))
+    best = max(range(len(sizes)), key=lambda i: (min(sizes[i]), i))  # ties (ViT tokens): the deepest
     print(f"[harness] no backbone tap is >= {min_size} px at input {image_size} (tap sizes {sizes}); explaining "
           f"tap {best} {sizes[best]}.", file=sys.stderr)
     return best
