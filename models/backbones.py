@@ -14,19 +14,25 @@ names), never through per-model code. It
 * loads ``pretrained=True`` from timm's hub, or ``weights=PATH`` (safetensors or state dict, read
   without unpickling) with a strict key check: the classifier keys are dropped (a new head is
   trained), the stem is adapted to ``in_chans`` as timm's ``pretrained_cfg_overlay`` does, and any
-  other missing/unexpected key is an error.
+  other missing/unexpected key is an error. ``PATH`` may also be a **zoo checkpoint** (any mechanism,
+  Lightning ``.ckpt`` / safetensors / state dict): only its backbone keys are taken and the rest is
+  reported (:func:`backbone_state_dict`);
+* accepts an ``nn.Module`` instead of a name ("bring your own backbone", :func:`wrap_feature_module`):
+  a timm model (full or ``features_only``), or any module torchvision's ``create_feature_extractor``
+  can trace (e.g. ``torchvision.models.resnet50()``); its stages are found by a dry run.
 """
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from .weights import WeightLoadError, read_state_dict
 
-__all__ = ["Backbone", "create_backbone", "list_backbones", "CNN3D", "SUGGESTED_BACKBONES"]
+__all__ = ["Backbone", "create_backbone", "list_backbones", "CNN3D", "SUGGESTED_BACKBONES", "backbone_state_dict",
+           "wrap_feature_module"]
 
 #: backbones the zoo is tested with (any timm model with ``features_only`` support works).
 SUGGESTED_BACKBONES = ("resnet18", "resnet50", "convnext_tiny", "convnext_small", "vgg11_bn", "mobilenetv2_100",
@@ -87,12 +93,27 @@ _CUSTOM = {"cnn3d": (CNN3D, 3)}
 class Backbone(nn.Module):
     """Feature-extraction backbone (see module docstring)."""
 
-    def __init__(self, name: str = "resnet18", pretrained: bool = False, weights: Optional[str] = None,
-                 in_chans: int = 3, out_indices: Optional[Sequence[int]] = None, **timm_kwargs) -> None:
+    def __init__(self, name: Union[str, nn.Module] = "resnet18", pretrained: bool = False,
+                 weights: Optional[str] = None, in_chans: int = 3, out_indices: Optional[Sequence[int]] = None,
+                 **timm_kwargs) -> None:
         super().__init__()
-        self.name = name
         self.in_chans = int(in_chans)
-        if name in _CUSTOM:
+        if isinstance(name, nn.Module):
+            if pretrained or weights:
+                raise ValueError("the backbone is a module instance: load its weights before passing it "
+                                 "(pretrained / backbone_weights apply to timm names).")
+            mean, std = timm_kwargs.pop("mean", None), timm_kwargs.pop("std", None)
+            if timm_kwargs:
+                raise ValueError(f"backbone_kwargs {sorted(timm_kwargs)} apply to timm names only; build the module "
+                                 "with them instead (only 'mean' and 'std' are read for a module instance).")
+            cfg = getattr(name, "pretrained_cfg", None) or {}
+            mean, std = mean or cfg.get("mean", _IMAGENET_MEAN), std or cfg.get("std", _IMAGENET_STD)
+            self.name = type(name).__name__
+            self.body, self.spatial_dims = wrap_feature_module(name, in_chans, out_indices)
+            if len(mean) != in_chans:
+                mean, std = (sum(mean) / len(mean),) * in_chans, (sum(std) / len(std),) * in_chans
+        elif name in _CUSTOM:
+            self.name = name
             cls, self.spatial_dims = _CUSTOM[name]
             if pretrained:
                 raise ValueError(f"backbone {name!r} has no pretrained weights; use weights=PATH or train it.")
@@ -101,8 +122,11 @@ class Backbone(nn.Module):
             if weights:
                 from .weights import load_weights
 
-                load_weights(self.body, weights, verbose=True)
+                load_weights(self.body, backbone_state_dict(weights, verbose=True), verbose=True)
         else:
+            if not isinstance(name, str):
+                raise TypeError(f"backbone must be a timm model name or an nn.Module, got {type(name).__name__}.")
+            self.name = name
             self.spatial_dims = 2
             self.body = self._create_timm(name, pretrained, weights, in_chans, out_indices, timm_kwargs)
             cfg = getattr(self.body, "pretrained_cfg", None) or {}
@@ -132,9 +156,9 @@ class Backbone(nn.Module):
         kwargs = dict(features_only=True, in_chans=in_chans, **timm_kwargs)
         if out_indices is not None:
             kwargs["out_indices"] = tuple(out_indices)
-        if weights:
-            _check_backbone_file(name, weights, in_chans, timm_kwargs)
-            kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=os.fspath(weights)))
+        if weights:  # checked (and zoo checkpoints converted) here; timm adapts the stem / resizes pos-embeds
+            sd = _check_backbone_file(name, weights, in_chans, timm_kwargs)
+            kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(state_dict=sd))
         else:
             kwargs["pretrained"] = bool(pretrained)
         try:
@@ -152,16 +176,63 @@ class Backbone(nn.Module):
         return [tap(f) for tap, f in zip(self.taps, feats)]
 
 
-def _check_backbone_file(name: str, path: str, in_chans: int, timm_kwargs: dict) -> None:
-    """Strictly compare a weights file against timm's model ``name``; raise on any mismatch.
+_ZOO_PREFIXES = ("backbone.body.", "encoder.")  # Backbone-based models / eX-ViT's encoder
+
+
+def backbone_state_dict(source, native_keys: Optional[Sequence[str]] = None,
+                        verbose: bool = True) -> Dict[str, Tensor]:
+    """Backbone tensors of a weights file (or state dict), read safely.
+
+    A timm / hub state dict is returned as is. A **zoo checkpoint** (keys ``backbone.body.*`` of any
+    Backbone-based model, or ``encoder.*`` of eX-ViT; Lightning ``model.`` prefixes are already stripped)
+    gives only its backbone keys, prefix removed; every other key (classifier, mechanism) is reported as
+    not used. With ``native_keys`` (the plain timm model's keys), feature-wrapper names are mapped back
+    to timm's (``stem_0.weight`` -> ``stem.0.weight``, ``model.blocks.0...`` -> ``blocks.0...``).
+    """
+    return _backbone_sd(source, native_keys, verbose)[0]
+
+
+def _backbone_sd(source, native_keys, verbose) -> Tuple[Dict[str, Tensor], bool]:
+    from .weights import clean_state_dict
+
+    sd = clean_state_dict(source) if isinstance(source, dict) else read_state_dict(source)
+    prefix = next((p for p in _ZOO_PREFIXES if any(k.startswith(p) for k in sd)), None)
+    if prefix is None:
+        return sd, False
+    body = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix) and not k.endswith(".attn_bias")}
+    rest = sorted(k for k in sd if not k.startswith(prefix) or k.endswith(".attn_bias"))
+    if native_keys is not None:
+        alias = {}
+        for n in native_keys:
+            parts = n.split(".")
+            alias["model." + n] = n  # timm's FeatureGetterNet (ViTs)
+            for j in range(1, len(parts)):
+                alias["_".join(parts[:j]) + "." + ".".join(parts[j:])] = n  # FeatureListNet flattening
+        native = set(native_keys)
+        body = {(k if k in native else alias.get(k, k)): v for k, v in body.items()}
+    if verbose:
+        groups = sorted({k.split(".")[0] for k in rest})
+        print(f"[weights] zoo checkpoint: {len(body)} backbone tensors ({prefix}*) taken"
+              + (f"; {len(rest)} other keys not used ({', '.join(g + '.*' for g in groups)})" if rest else ""))
+    return body, True
+
+
+def _check_backbone_file(name: str, path, in_chans: int, timm_kwargs: dict) -> Dict[str, Tensor]:
+    """Strictly compare a weights file against timm's model ``name``; raise on any mismatch; return its
+    tensors with timm's key names (zoo checkpoints converted, :func:`backbone_state_dict`).
 
     Classifier keys (``pretrained_cfg['classifier']``) are dropped on purpose (a new head is trained);
-    a first-conv channel mismatch is adapted by timm (``in_chans``). Everything else must match.
+    a first-conv channel mismatch is adapted by timm (``in_chans``), a position-embedding size mismatch
+    is resampled by timm (ViTs at another ``img_size``). Everything else must match.
     """
     import timm
 
-    sd = read_state_dict(path)
     ref = timm.create_model(name, pretrained=False, **timm_kwargs)
+    sd, from_zoo = _backbone_sd(path, list(ref.state_dict()), True)
+    if from_zoo:  # a zoo backbone holds only what timm's feature net keeps (e.g. no ConvNeXt head.norm)
+        fnet = timm.create_model(name, pretrained=False, features_only=True, **timm_kwargs)
+        feat = backbone_state_dict({"backbone.body." + k: v for k, v in fnet.state_dict().items()},
+                                   list(ref.state_dict()), verbose=False)
     cfg = ref.pretrained_cfg or {}
     heads = cfg.get("classifier") or ()
     heads = (heads,) if isinstance(heads, str) else tuple(heads)
@@ -169,11 +240,12 @@ def _check_backbone_file(name: str, path: str, in_chans: int, timm_kwargs: dict)
     first = (first,) if isinstance(first, str) else tuple(first)
     own = ref.state_dict()
     is_head = lambda k: any(k == h + ".weight" or k == h + ".bias" or k.startswith(h + ".") for h in heads)  # noqa: E731
-    missing = [k for k in own if k not in sd and not is_head(k)]
+    missing = [k for k in own if k not in sd and not is_head(k) and (not from_zoo or k in feat)]
     unexpected = [k for k in sd if k not in own and not is_head(k)]
     bad = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd
            if k in own and not is_head(k) and sd[k].shape != own[k].shape
-           and not (any(k == f + ".weight" for f in first) and sd[k].shape[0] == own[k].shape[0])]
+           and not (any(k == f + ".weight" for f in first) and sd[k].shape[0] == own[k].shape[0])
+           and not (k == "pos_embed" and sd[k].shape[-1] == own[k].shape[-1])]
     if missing or unexpected or bad:
         raise WeightLoadError(
             f"Weights file {path!r} does not fit timm backbone {name!r}: "
@@ -184,6 +256,116 @@ def _check_backbone_file(name: str, path: str, in_chans: int, timm_kwargs: dict)
     print(f"[weights] backbone {name}: {len(sd) - len(dropped)} tensors match"
           + (f"; classifier dropped ({', '.join(dropped)}): a new head is trained" if dropped else "")
           + (f"; stem adapted to in_chans={in_chans}" if in_chans != 3 else ""))
+    return sd
+
+
+def _default_indices(n: int) -> Tuple[int, ...]:
+    return tuple(range(n)) if n <= 5 else tuple(range(n - 3, n))  # timm's defaults (CNN stages / last 3 ViT blocks)
+
+
+def wrap_feature_module(module: nn.Module, in_chans: int = 3, out_indices: Optional[Sequence[int]] = None
+                        ) -> Tuple[nn.Module, int]:
+    """Turn a module into a feature net with a timm-like ``feature_info``; returns ``(body, spatial_dims)``.
+
+    * a timm ``features_only`` net (or any module whose ``feature_info`` has ``channels()``): used as is;
+    * a timm model: timm's own wrapper, ``FeatureGetterNet`` (``forward_intermediates``: CNNs and ViTs,
+      tokens come out as maps) or ``FeatureListNet``;
+    * any other module (e.g. a torchvision CNN): a dry run at 224 px (64 px for 3D) records the top-level
+      children's outputs; the last child at each resolution is a stage (global pools excluded), then
+      torchvision's ``create_feature_extractor`` cuts the graph after the last stage.
+
+    The instance is used, not copied (timm's wrapper may prune its classifier).
+    """
+    info = getattr(module, "feature_info", None)
+    if info is not None and callable(getattr(info, "channels", None)):
+        if out_indices is not None:
+            raise ValueError("the module is already a feature net: choose out_indices when building it.")
+        return module, _spatial_dims_of(module, in_chans)
+    if isinstance(info, (list, tuple)) and info and isinstance(info[0], dict):  # a timm model
+        from timm.models._features import FeatureGetterNet, FeatureListNet
+
+        idx = tuple(out_indices) if out_indices is not None else _default_indices(len(info))
+        try:
+            if hasattr(module, "forward_intermediates"):
+                body = FeatureGetterNet(module, out_indices=idx)
+            else:
+                body = FeatureListNet(module, out_indices=idx)
+        except Exception as e:
+            raise ValueError(f"timm could not wrap {type(module).__name__} for feature extraction "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); pass a features_only model "
+                             "(timm.create_model(name, features_only=True)).") from None
+        return body, 2
+    return _wrap_traced(module, in_chans, out_indices)
+
+
+def _spatial_dims_of(module: nn.Module, in_chans: int) -> int:
+    for dims in (2, 3):
+        try:
+            with torch.no_grad():
+                out = module.eval()(torch.rand((1, in_chans) + (64,) * dims))
+            return out[-1].dim() - 2
+        except Exception:
+            continue
+    raise ValueError(f"{type(module).__name__} does not run on (1, {in_chans}, 64, 64) nor 3D input.")
+
+
+class _TracedFeatures(nn.Module):
+    """``create_feature_extractor`` output (dict) as a list + ``feature_info``."""
+
+    def __init__(self, graph: nn.Module, info: _FeatureInfo) -> None:
+        super().__init__()
+        self.graph, self.feature_info = graph, info
+
+    def forward(self, x: Tensor) -> List[Tensor]:
+        return list(self.graph(x).values())
+
+
+def _wrap_traced(module: nn.Module, in_chans: int, out_indices) -> Tuple[nn.Module, int]:
+    name = type(module).__name__
+    seen, hooks = [], []
+    for child_name, child in module.named_children():
+        hooks.append(child.register_forward_hook(
+            lambda m, i, o, n=child_name: seen.append((n, tuple(o.shape))) if torch.is_tensor(o) else None))
+    dims, was_training = None, module.training
+    try:
+        for d in (2, 3):
+            seen.clear()
+            try:
+                with torch.no_grad():
+                    module.eval()(torch.rand((1, in_chans) + ((224,) * 2 if d == 2 else (64,) * 3)))
+                dims = d
+                break
+            except Exception:
+                continue
+    finally:
+        for h in hooks:
+            h.remove()
+        module.train(was_training)
+    if dims is None:
+        raise ValueError(f"backbone module {name} does not run on a (1, {in_chans}, 224, 224) image nor a 3D volume.")
+    maps = [(n, s) for n, s in seen if len(s) == dims + 2 and any(v > 1 for v in s[2:])]
+    stages: Dict[Tuple[int, ...], Tuple[str, Tuple[int, ...]]] = {}
+    for n, s in maps:  # the last child at each resolution
+        stages.pop(s[2:], None)
+        stages[s[2:]] = (n, s)
+    chosen = list(stages.values())
+    if not chosen:
+        raise ValueError(f"backbone module {name}: no top-level child returns (B, C, *spatial) maps, so no stage "
+                         "was found. Pass a timm model, or wrap your network so that its children are the stages.")
+    if out_indices is not None:
+        chosen = [chosen[i] for i in out_indices]
+    side = 224 if dims == 2 else 64
+    try:
+        from torchvision.models.feature_extraction import create_feature_extractor
+
+        graph = create_feature_extractor(module, return_nodes={n: n for n, _ in chosen})
+    except Exception as e:
+        raise ValueError(f"torchvision's create_feature_extractor could not trace {name} ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]}). Pass a timm model, or a module with a timm-like "
+                         "feature_info and a forward returning the list of stage maps.") from None
+    info = _FeatureInfo([s[1] for _, s in chosen], [max(1, round(side / s[2])) for _, s in chosen],
+                        [n for n, _ in chosen])
+    return _TracedFeatures(graph, info), dims
 
 
 def create_backbone(name: str = "resnet18", **kwargs) -> Backbone:

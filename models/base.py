@@ -22,13 +22,13 @@ Everything here is pure PyTorch (no Lightning).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["InterpretableClassifier", "normalize_saliency", "upsample_to", "check_input"]
+__all__ = ["InterpretableClassifier", "normalize_saliency", "upsample_to", "check_input", "is_capturing"]
 
 
 def upsample_to(maps: Tensor, size: Sequence[int]) -> Tensor:
@@ -86,6 +86,16 @@ class InterpretableClassifier(nn.Module):
     explanation_kind: str = "cam"
     #: parameter-name prefixes the mechanism adds on top of a plain backbone.
     mechanism_prefixes: Tuple[str, ...] = ()
+def is_capturing() -> bool:
+    """True while a graph is being captured (``torch.jit`` tracing / ONNX export / ``torch.export`` /
+    ``torch.compile``): code then skips data-dependent checks that cannot live in a graph."""
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return True
+    comp = getattr(torch, "compiler", None)
+    return bool(comp is not None and (getattr(comp, "is_exporting", lambda: False)()
+                                      or getattr(comp, "is_compiling", lambda: False)()))
+
+
 
     def __init__(self, num_classes: int, in_chans: int = 3, spatial_dims: int = 2) -> None:
         super().__init__()
@@ -118,20 +128,112 @@ class InterpretableClassifier(nn.Module):
         check_input(x, self.in_chans, self.spatial_dims, type(self).__name__)
 
     def resolve_target(self, logits: Tensor, target: Optional[Tensor]) -> Tensor:
-        """Target classes ``(B,)``: given ones, else the prediction."""
+        """Target classes ``(B,)``: given ones, else the prediction. An entry ``-1`` also means "the
+        predicted class" (the default of the exported graphs' ``target`` input, :mod:`models.export`)."""
+        pred = logits.argmax(dim=1)
         if target is None:
-            return logits.argmax(dim=1)
+            return pred
         target = torch.as_tensor(target, device=logits.device).long().reshape(-1)
         if target.numel() == 1 and logits.shape[0] > 1:
             target = target.expand(logits.shape[0])
         if target.shape[0] != logits.shape[0]:
             raise ValueError(f"target has {target.shape[0]} entries for a batch of {logits.shape[0]}.")
-        if (target < 0).any() or (target >= self.num_classes).any():
-            raise ValueError(f"target classes must be in [0, {self.num_classes}), got {target.tolist()}.")
-        return target
+        if (target < -1).any() or (target >= self.num_classes).any():
+            raise ValueError(f"target classes must be in [0, {self.num_classes}) (or -1 = the predicted class), "
+                             f"got {target.tolist()}.")
+        return torch.where(target < 0, pred, target)
+        if is_capturing():  # inside a traced/exported graph: no data-dependent checks, (1,) broadcasts
+            return torch.where(target < 0, pred, target)
 
     def mechanism_parameters(self):
         """(name, parameter) pairs added by the mechanism (see ``mechanism_prefixes``)."""
         for name, p in self.named_parameters():
             if name.startswith(self.mechanism_prefixes):
                 yield name, p
+
+    # ---- head surgery and self-description (timm's conventions) -------------------------
+    def get_classifier(self) -> nn.Module:
+        """The module mapping pooled features to the ``num_classes`` logits (timm API): ``fc`` or ``head``."""
+        for name in ("fc", "head"):
+            m = self.__dict__.get("_modules", {}).get(name)
+            if isinstance(m, nn.Module):
+                return m
+        raise NotImplementedError(f"{type(self).__name__} has no 'fc'/'head' classifier; override get_classifier().")
+
+    def classifier_name(self) -> str:
+        """Module name of :meth:`get_classifier` (``"fc"``, ``"head"``...); its ``.weight`` has ``num_classes`` rows."""
+        clf = self.get_classifier()
+        return next(n for n, m in self.named_modules() if m is clf)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the classifier by a freshly initialised one with ``num_classes`` outputs (timm API).
+
+        Mechanisms with other class-dependent parameters (a query per class, a class-filter matrix...)
+        extend this; everything else keeps its weights. ``num_classes=0`` (timm's "no head") is refused:
+        every zoo model explains a class.
+        """
+        num_classes = int(num_classes)
+        if num_classes < 1:
+            raise ValueError(f"reset_classifier needs num_classes >= 1 (got {num_classes}): the zoo's models explain "
+                             "a class, so they keep a classifier. Use model.backbone for features only.")
+        old = self.get_classifier()
+        if not isinstance(old, nn.Linear):
+            raise NotImplementedError(f"{type(self).__name__}.reset_classifier handles a Linear classifier, got "
+                                      f"{type(old).__name__}; override reset_classifier().")
+        new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None).to(old.weight.device, old.weight.dtype)
+        parent, _, leaf = self.classifier_name().rpartition(".")
+        setattr(self.get_submodule(parent) if parent else self, leaf, new)
+        self.num_classes = num_classes
+        overlay = self.__dict__.get("_pretrained_cfg_overlay")
+        if overlay and "num_classes" in overlay:
+            overlay["num_classes"] = num_classes
+
+    def rebuild_kwargs(self) -> Dict[str, Any]:
+        """Constructor kwargs (besides ``num_classes``) that rebuild this exact architecture, when a
+        :meth:`reset_classifier` made it differ from ``create_model(name, num_classes=K)`` (e.g. PICNN's N)."""
+        return {}
+
+    def default_pretrained_cfg(self) -> Dict[str, Any]:
+        """timm-style description of the expected input. Models take **[0, 1] pixels** and normalise inside,
+        so ``mean``/``std`` at the input are 0/1 and the inner normalisation is ``inner_normalization``."""
+        src = self.__dict__.get("_modules", {}).get("backbone")
+        src = src if src is not None and torch.is_tensor(getattr(src, "mean", None)) else self
+        mean, std = getattr(src, "mean", None), getattr(src, "std", None)
+        inner = (dict(mean=[float(v) for v in mean.flatten()], std=[float(v) for v in std.flatten()])
+                 if torch.is_tensor(mean) and torch.is_tensor(std) else None)
+        body_cfg, spatial, fixed = {}, None, False
+        for m in self.modules():
+            cfg = m.__dict__.get("pretrained_cfg")
+            if isinstance(cfg, dict) and not body_cfg:
+                body_cfg = cfg
+            pe = m.__dict__.get("_modules", {}).get("patch_embed")
+            if pe is not None and getattr(pe, "img_size", None) is not None and spatial is None:
+                spatial = tuple(int(v) for v in pe.img_size)  # ViTs: the position-embedding grid
+                fixed = not (getattr(m, "dynamic_img_size", False) or getattr(pe, "dynamic_img_pad", False))
+        if spatial is None:
+            size = body_cfg.get("input_size")
+            spatial = tuple(size[1:]) if size and len(size) == 1 + self.spatial_dims else \
+                (224, 224) if self.spatial_dims == 2 else (64,) * self.spatial_dims
+        c = self.in_chans
+        try:
+            clf = self.classifier_name()
+        except (NotImplementedError, StopIteration):
+            clf = None
+        return dict(input_size=(c, *spatial), mean=(0.0,) * c, std=(1.0,) * c, input_range=(0.0, 1.0),
+                    inner_normalization=inner, interpolation=body_cfg.get("interpolation", "bilinear"),
+                    crop_pct=1.0, crop_mode="center", fixed_input_size=bool(fixed), num_classes=self.num_classes,
+                    classifier=clf, explanation_kind=self.explanation_kind)
+
+    @property
+    def pretrained_cfg(self) -> Dict[str, Any]:
+        """:meth:`default_pretrained_cfg` updated by whatever was assigned (``model.pretrained_cfg = {...}``),
+        so ``timm.data.resolve_data_config({}, model=model)`` gives mean 0 / std 1 (no double normalisation)."""
+        cfg = self.default_pretrained_cfg()
+        cfg.update(self.__dict__.get("_pretrained_cfg_overlay") or {})
+        return cfg
+
+    @pretrained_cfg.setter
+    def pretrained_cfg(self, value: Dict[str, Any]) -> None:
+        self.__dict__["_pretrained_cfg_overlay"] = dict(value)
+
+    default_cfg = pretrained_cfg  # timm's older name

@@ -126,12 +126,25 @@ class CAStream(nn.Module):
         self.q0 = nn.Parameter(torch.zeros(shape))
         outs = dims[1:] + [dims[-1]]
         self.blocks = nn.ModuleList(CABlock(d, o, proj_kv) for d, o in zip(dims, outs))
-        if q0_init == "trunc_normal":  # spec §6 recommendation
+        self.q0_init = q0_init
+        self._init_q0()
+
+    @torch.no_grad()
+    def _init_q0(self) -> None:
+        if self.q0_init == "trunc_normal":  # spec §6 recommendation
             nn.init.trunc_normal_(self.q0, std=0.02)
-        elif q0_init == "official":  # the official code: N(1, 1)
+        elif self.q0_init == "official":  # the official code: N(1, 1)
             nn.init.normal_(self.q0, mean=1.0, std=1.0)
-        elif q0_init != "zeros":  # zeros: the first block is exactly GAP (eq. 3.4)
-            raise ValueError(f"q0_init must be 'trunc_normal', 'official' or 'zeros', got {q0_init!r}.")
+        elif self.q0_init == "zeros":  # zeros: the first block is exactly GAP (eq. 3.4)
+            self.q0.zero_()
+        else:
+            raise ValueError(f"q0_init must be 'trunc_normal', 'official' or 'zeros', got {self.q0_init!r}.")
+
+    def reset_queries(self, num_classes: int) -> None:
+        """Class-specific stream: a fresh ``Q_0`` table for ``num_classes`` rows (same init rule)."""
+        if self.class_specific:
+            self.q0 = nn.Parameter(self.q0.new_zeros(int(num_classes), self.dims[0]))
+            self._init_q0()
 
     def initial_query(self, batch: int, classes: Optional[Tensor] = None) -> Tensor:
         if self.class_specific:
@@ -213,7 +226,7 @@ class CAStreamClassifier(InterpretableClassifier):
         """The module of timm feature 1 (the first stage after the stem), found by its feature_info name."""
         name = self.backbone.stage_names[1]
         body = self.backbone.body
-        for cand in (name, name.replace(".", "_")):
+        for cand in (name, name.replace(".", "_"), "model." + name, "graph." + name):  # timm / module-instance wrappers
             try:
                 return body.get_submodule(cand)
             except AttributeError:
@@ -318,6 +331,11 @@ class CAStreamClassifier(InterpretableClassifier):
 
     def cam_target_layer(self) -> nn.Module:
         return self.backbone.taps[-1]
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """New ``fc`` (and, class-specific, a new ``Q_0`` table); backbone and stream blocks are kept."""
+        super().reset_classifier(num_classes)
+        self.stream.reset_queries(num_classes)
 
     def stream_parameter_count(self) -> int:
         return sum(p.numel() for _, p in self.mechanism_parameters())

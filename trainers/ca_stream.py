@@ -35,7 +35,8 @@ class CAStreamModule(ClassificationModule):
 
     Args:
         train_mode: ``"stream"`` (paper: backbone + classifier frozen and in eval mode, only ``stream.*``
-            trained) or ``"full"`` (fine-tune everything).
+            trained) or ``"full"`` (fine-tune everything). With ``reset_head: true`` (new classes) the new,
+            random ``fc`` is trained with the stream in stream mode (a frozen random head would be useless).
         (other args: :class:`ClassificationModule`; ``model`` defaults to ``"ca_stream"``;
         ``checkpoint_path`` is the baseline checkpoint the stream is attached to.)
     """
@@ -46,15 +47,21 @@ class CAStreamModule(ClassificationModule):
             raise ValueError(f"train_mode={train_mode!r}; choose 'stream' (paper: frozen backbone and classifier) "
                              "or 'full' (fine-tune everything).")
         freeze = list(freeze or [])
+        # a reset head (new classes) is random: the stream protocol then trains it with the stream
+        new_head = bool(kwargs.get("reset_head"))
         if train_mode == "stream":
-            freeze += [p for p in (r"^backbone\.", r"^fc\.") if p not in freeze]
+            freeze += [p for p in (r"^backbone\.",) + (() if new_head else (r"^fc\.",)) if p not in freeze]
         super().__init__(model=model, freeze=freeze, **kwargs)
         if not isinstance(self.model, CAStreamClassifier):
             raise TypeError(f"CAStreamModule needs model='ca_stream' (got {type(self.model).__name__}); "
                             "use ClassificationModule for other models.")
         self.save_hyperparameters()
         self.train_mode = train_mode
-        if train_mode == "stream":
+        if train_mode == "stream" and new_head:
+            print("[ca_stream] reset_head with train_mode=stream: the new classifier fc is trained together with the "
+                  "stream (backbone frozen); gap_acc then uses that head on GAP features. For the paper protocol "
+                  "fine-tune a baseline on the new classes first, then attach the stream to it.")
+        elif train_mode == "stream":
             # the classifier g = dropout + fc is frozen: its dropout stays in eval mode too
             self.frozen_modules = list(self.frozen_modules) + [self.model.drop]
             self._eval_frozen()
