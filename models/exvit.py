@@ -380,6 +380,13 @@ def _create_vit(name: str, pretrained: bool, weights: Optional[str], in_chans: i
     import timm
     from timm.models.vision_transformer import VisionTransformer
 
+    if isinstance(name, nn.Module):  # bring your own encoder: a timm VisionTransformer instance, used as is
+        if not isinstance(name, VisionTransformer) or pretrained or weights:
+            raise TypeError(f"eX-ViT takes a timm VisionTransformer instance (with its weights loaded) or a timm "
+                            f"name; got {type(name).__name__}" + (" with pretrained/backbone_weights" if
+                                                                   isinstance(name, VisionTransformer) else "") + ".")
+        name.reset_classifier(0)  # (build it with dynamic_img_size=True to accept any input size)
+        return name
     if not timm.is_model(name):
         raise ValueError(f"Unknown backbone {name!r}. eX-ViT needs a timm VisionTransformer, e.g. "
                          "deit_small_patch16_224 (paper), deit_tiny_patch16_224, vit_small_patch16_224.")
@@ -388,8 +395,8 @@ def _create_vit(name: str, pretrained: bool, weights: Optional[str], in_chans: i
     if weights:
         from .backbones import _check_backbone_file
 
-        _check_backbone_file(name, weights, in_chans, {k: v for k, v in kw.items() if k != "num_classes"})
-        kw.update(pretrained=True, pretrained_cfg_overlay=dict(file=os.fspath(weights)))
+        sd = _check_backbone_file(name, weights, in_chans, {k: v for k, v in kw.items() if k != "num_classes"})
+        kw.update(pretrained=True, pretrained_cfg_overlay=dict(state_dict=sd))  # zoo checkpoints converted
     else:
         kw["pretrained"] = bool(pretrained)
     try:
