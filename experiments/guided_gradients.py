@@ -1,7 +1,12 @@
 """Guided-gradient regularisation on the embedded benchmark: the thesis's Tables 4.1-4.2 (seed 001 ch. 4).
 
-    python experiments/guided_gradients.py                                  # full default (~10-15 min, 2 quiet cores)
-    python experiments/guided_gradients.py --backbones resnet18 --errors cosine --epochs 3   # quicker
+    python experiments/guided_gradients.py                     # seeds 0,1,2; baseline + cosine lambda sweep
+    python experiments/guided_gradients.py --errors cosine,histogram,mae,mse --seeds 0,1,2   # + Table 4.2
+    python experiments/guided_gradients.py --quick --out /tmp/gg   # smoke run (seconds)
+
+Seeds, per-image values, paired intervals and verdicts, controls, a run cache: ``experiments/harness.py``
+(issue 14). The lambda sweep (default: the paper's lambda, 0.1, 1.0) reports lambda * L_R against L_C, the
+gradient alignment cos(dL/dx, guided dL/dx) per arm, and insertion from a blur scaled to the image (spec §10.15).
 
 For each backbone: a baseline (lambda = 0) and a regularised model (cosine, lambda = 7.5e-3 for ResNet-18,
 1e-3 for MobileNet-V2, Table 4.1), trained with the same seed, data and schedule; for ResNet-18 also the other
@@ -28,11 +33,15 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from experiments import harness as H  # noqa: E402
 from models import create_model  # noqa: E402
 from models.guided_gradients import guided_gradient_loss, step_lambda  # noqa: E402
 from trainers.data.synthetic import SyntheticShapes  # noqa: E402
 
 CAMS = ("gradcam", "gradcampp", "scorecam", "ablationcam", "xgradcam")
+CONTROLS = ("random", "gaussian", "fakecam", "colorcontrast", "edges", "untrained")
+METRICS = ("ad", "ag", "ai", "ins", "del")
+HIGHER = {"acc": True, "ad": False, "ag": True, "ai": True, "ins": True, "del": False, "align": True}
 CAM_LABEL = {"gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "scorecam": "Score-CAM", "ablationcam": "Ablation-CAM",
              "xgradcam": "XGrad-CAM (Axiom)"}
 DEFAULT_LAM = {"resnet18": 7.5e-3, "mobilenetv2_100": 1e-3}
@@ -68,10 +77,13 @@ def train(backbone, lam, error, args, train_loader):
     t0, step = time.time(), 0
     for ep in range(args.epochs):
         model.train()
+        last = {"loss_c": [], "lam_loss_r": []}  # last-epoch means: how large lambda * L_R is against L_C
         for b in train_loader:
             x, y = b["image"], b["label"]
-            out = guided_gradient_loss(model, x, y, lam=step_lambda(lam, args.every, step), error=error,
-                                       fraction=args.fraction)
+            lam_t = step_lambda(lam, args.every, step)
+            out = guided_gradient_loss(model, x, y, lam=lam_t, error=error, fraction=args.fraction)
+            last["loss_c"].append(float(out["loss_c"]))
+            last["lam_loss_r"].append(float(lam_t * out["loss_r"]) if lam_t else 0.0)
             step += 1
             opt.zero_grad(set_to_none=True)
             out["loss"].backward()
@@ -79,7 +91,7 @@ def train(backbone, lam, error, args, train_loader):
             sched.step()
         print(f"  [{backbone} {error if lam else '-'} lam={lam:g}] epoch {ep + 1}/{args.epochs} "
               f"L_C={out['loss_c'].item():.3f} L_R={out['loss_r'].item():.3f} ({time.time() - t0:.0f}s)", flush=True)
-    return model.eval(), time.time() - t0
+    return model.eval(), time.time() - t0, {k: sum(v) / max(1, len(v)) for k, v in last.items()}
 
 
 @torch.no_grad()
@@ -92,7 +104,7 @@ def accuracy(model, loader):
 
 
 def gradient_alignment(model, loader, n_images):
-    """Mean cosine between dL/dx and guided dL/dx (of the summed CE, train-objective convention)."""
+    """Per-image cosine between dL/dx and guided dL/dx (of the summed CE, train-objective convention)."""
     from models.guided_gradients import GuidableActivations, error_cosine
 
     vals, seen = [], 0
@@ -110,16 +122,31 @@ def gradient_alignment(model, loader, n_images):
         seen += x.shape[0]
         if seen >= n_images:
             break
-    return float(torch.cat(vals).mean())
+    return torch.cat(vals).tolist()
+
+
+def insertion_blur(image_size: int):
+    """Insertion start scaled to the image (spec §10.15): sigma = max(1, 5 * S / 224), kernel max(3, 2 floor(sigma)
+    + 1) -- RISE's 11x11, sigma 5 at 224 px; 3x3, sigma 1 at 32 px."""
+    from models.metrics import gaussian_blur
+
+    sigma = max(1.0, 5.0 * image_size / 224)
+    klen = max(3, 2 * int(math.floor(sigma)) + 1)
+    return (lambda x: gaussian_blur(x, klen=klen, sigma=sigma)), f"gaussian {klen}x{klen}, sigma {sigma:.2f}"
 
 
 def evaluate_cams(model, loader, cams, args, examples=0):
+    """CAMs + controls (ground-truth class); per-image values kept (``res.per_item``)."""
+    from models.explainers import create_explainer
     from models.metrics import run_interpretability
 
     layer = target_tap(model, args.image_size, args.min_spatial)
-    res = run_interpretability(model, loader, list(cams), metrics=("ad", "ag", "ai", "ins", "del"),
+    blur, _ = insertion_blur(args.image_size)
+    names = list(cams) + [c for c in CONTROLS if c != "untrained"]
+    names.append(("untrained", create_explainer("untrained", model, base="gradcam", target_layers=layer)))
+    res = run_interpretability(model, loader, names, metrics=("ad", "ag", "ai", "ins", "del"),
                                max_images=args.eval_images, sanity=False, progress=False, target_layers=layer,
-                               examples=examples)
+                               examples=examples, insertion_baseline=blur, steps=args.steps)
     return res, layer
 
 
@@ -173,129 +200,137 @@ def fmt(v):
     return f"{v:.2f}"
 
 
+@torch.no_grad()
+def correct_per_image(model, loader):
+    out = []
+    for b in loader:
+        out += (model(b["image"]).argmax(1) == b["label"]).float().tolist()
+    return out
+
+
+def run_arm(bb, err, lam, seed, cams, args, cache):
+    """Train and evaluate one arm (backbone, error, lambda) for one seed; cached by its config."""
+    keys = ("num_classes", "image_size", "min_spatial", "train_size", "test_size", "eval_images", "epochs",
+            "batch_size", "lr", "fraction", "every", "steps")
+    cfg = dict(kind="guided_gradients_run", version=2, backbone=bb, error=err, lam=lam, seed=seed, cams=list(cams),
+               **{k: getattr(args, k) for k in keys})
+
+    def fn():
+        a = argparse.Namespace(**vars(args))
+        a.seed = seed
+        train_loader, test_loader = loaders(a)
+        print(f"== {bb} {err} lam={lam:g} seed {seed}", flush=True)
+        model, secs, loss = train(bb, lam, err if err != "-" else "cosine", a, train_loader)
+        correct = correct_per_image(model, test_loader)
+        align = gradient_alignment(model, test_loader, args.eval_images)
+        res, layer = evaluate_cams(model, test_loader, cams, a)
+        print(f"   acc {100 * sum(correct) / len(correct):.2f}  cos(dL/dx, guided) {sum(align) / len(align):.3f}  "
+              f"lam*L_R {loss['lam_loss_r']:.4f} vs L_C {loss['loss_c']:.4f}", flush=True)
+        return dict(acc=100.0 * sum(correct) / len(correct), correct=correct, align=align, train_s=secs, loss=loss,
+                    layer=layer, means={k: {m: float(v[m]) for m in METRICS} for k, v in res.items()},
+                    per_item=res.per_item)
+
+    return cache.get_or_run(cfg, fn)
+
+
+def arm_name(err, lam):
+    return "baseline" if err == "-" else f"{err} λ={lam:g}"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backbones", default="resnet18,mobilenetv2_100")
-    ap.add_argument("--errors", default="cosine,histogram,mae,mse", help="error functions for the first backbone")
-    ap.add_argument("--lam", type=float, default=None, help="override lambda (default: 7.5e-3 ResNet-18, 1e-3 MobileNet-V2)")
-    ap.add_argument("--extra-lams", default="", help="additional cosine lambdas for the first backbone, e.g. '1.0'")
+    H.add_common_args(ap, default_out=os.path.join(ROOT, "docs", "results", "guided_gradients"))
+    ap.add_argument("--backbones", default="resnet18")
+    ap.add_argument("--errors", default="cosine", help="error functions (Table 4.2: cosine,histogram,mae,mse); the "
+                    "non-cosine ones at the backbone's default lambda")
+    ap.add_argument("--lams", default="", help="cosine lambda sweep (default: the paper's lambda, 0.1 and 1.0)")
     ap.add_argument("--fraction", type=float, default=1.0, help="share of each batch on which L_R is estimated")
     ap.add_argument("--every", type=int, default=1, help="apply L_R (weight every*lambda) on every k-th step only")
-    ap.add_argument("--cams", default=",".join(CAMS), help="CAM methods of Table 4.1 (Table 4.2 uses gradcam)")
-    ap.add_argument("--skip-baseline", action="store_true", help="only the regularised runs (to split the work "
-                    "over processes; the baseline is identical across them)")
+    ap.add_argument("--cams", default=",".join(CAMS), help="CAM methods of Table 4.1 (the sweep arms use gradcam)")
     ap.add_argument("--num-classes", type=int, default=6)
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--min-spatial", type=int, default=4, help="CAM layer: deepest tap with >= this many cells")
     ap.add_argument("--train-size", type=int, default=2000)
     ap.add_argument("--test-size", type=int, default=300)
     ap.add_argument("--eval-images", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=32, help="insertion/deletion steps (spec §10.15: 32 at 32 px)")
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="docs/results/guided_gradients.md")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.train_size, args.test_size, args.eval_images, args.epochs, args.steps = 128, 32, 16, 1, 4
+        args.cams, args.lams = "gradcam", args.lams or "7.5e-3"
+    args.seed = args.seeds[0]
     t_start = time.time()
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.splitext(os.path.basename(args.out))[0]
-    train_loader, test_loader = loaders(args)
+    cache = H.RunCache(args.cache_dir, enabled=not args.no_cache)
     backbones = [b for b in args.backbones.split(",") if b]
     errors = [e for e in args.errors.split(",") if e]
-    # order: Table 4.1 first (baseline + cosine per backbone), then extra lambdas, then Table 4.2's other errors;
-    # the report is rewritten after every run, so an interrupted run still leaves a valid partial table
-    runs = []  # (backbone, error or '-', lam)
-    lam_of = {bb: args.lam if args.lam is not None else DEFAULT_LAM.get(bb, 7.5e-3) for bb in backbones}
-    for bb in backbones:
-        runs += [(bb, "-", 0.0)] + ([(bb, "cosine", lam_of[bb])] if "cosine" in errors else [])
-    runs += [(backbones[0], "cosine", float(v)) for v in args.extra_lams.split(",") if v]
-    runs += [(backbones[0], e, lam_of[backbones[0]]) for e in errors if e != "cosine"]
-    if args.skip_baseline:
-        runs = [r for r in runs if r[1] != "-"]
-    results, models_, pngs_cam = {}, {}, []
-    for bb, err, lam in runs:
-        key = f"{bb}|{err}|{lam:g}"
-        print(f"== {key}", flush=True)
-        model, secs = train(bb, lam, err if err != "-" else "cosine", args, train_loader)
-        models_[key] = model
-        acc = accuracy(model, test_loader)
-        align = gradient_alignment(model, test_loader, min(args.eval_images, 100))
-        full = tuple(c for c in args.cams.split(",") if c)
-        cams = full if (err == "-" or (err == "cosine" and lam == lam_of[bb])) else ("gradcam",)
-        res, layer = evaluate_cams(model, test_loader, cams, args, examples=6 if len(cams) > 1 else 0)
-        results[key] = {"backbone": bb, "error": err, "lam": lam, "acc": acc, "train_s": secs, "cos_align": align,
-                        "layer": layer, "cams": {k: {m: float(v[m]) for m in ("ad", "ag", "ai", "ins", "del")}
-                                                 for k, v in res.items()}}
-        print(f"   acc {acc:.2f}  cos(dL/dx, guided) {align:.3f}  " + "  ".join(
-            f"{k}: AD {v['ad']:.1f} AG {v['ag']:.1f} AI {v['ai']:.1f}" for k, v in results[key]["cams"].items()),
-            flush=True)
-        if res.examples and res.examples.get("images") is not None and len(res.examples.get("images", [])):
-            try:
-                from models.metrics import save_overlay_grid
-
-                ex = res.examples
-                save_overlay_grid(ex["images"], ex["maps"], os.path.join(out_dir, f"{stem}_cams_{bb}_{err}.png"), n=4)
-                pngs_cam.append(f"{stem}_cams_{bb}_{err}.png")
-            except Exception as e:  # pictures are a bonus; never lose the table
-                print(f"   (overlay grid skipped: {type(e).__name__}: {e})")
-        write_report(args, argv, results, [], time.time() - t_start)
-    # gradient pictures: baseline vs regularised (cosine) per backbone
-    pngs = []
-    for bb in backbones:
-        base = [k for k in models_ if k.startswith(bb + "|-|")]
-        reg = [k for k in models_ if k.startswith(bb + "|cosine|")]
-        if base and reg:
-            p = os.path.join(out_dir, f"{stem}_gradients_{bb}.png")
-            grad_picture([("baseline", models_[base[0]]), (f"cosine λ={results[reg[0]]['lam']:g}", models_[reg[0]])],
-                         test_loader, p)
-            pngs.append(os.path.basename(p))
-    pngs += pngs_cam
-    with open(os.path.join(out_dir, f"{stem}.json"), "w") as fh:
-        json.dump({"args": vars(args), "results": results}, fh, indent=1)
-    write_report(args, argv, results, pngs, time.time() - t_start)
-
-
-def write_report(args, argv, results, pngs, total_s):
+    full = tuple(c for c in args.cams.split(",") if c)
+    arms = []  # (backbone, error, lam, cams)
+    for i, bb in enumerate(backbones):
+        lam0 = DEFAULT_LAM.get(bb, 7.5e-3)
+        lams = [float(v) for v in args.lams.split(",") if v] if args.lams else [lam0, 0.1, 1.0]
+        arms.append((bb, "-", 0.0, full))
+        if "cosine" in errors:
+            arms += [(bb, "cosine", lam, full if lam == lams[0] else ("gradcam",)) for lam in lams]
+        if i == 0:
+            arms += [(bb, e, lam0, ("gradcam",)) for e in errors if e != "cosine"]
+    runs = {}
+    for seed in args.seeds:  # seed-major: an interrupted run still has complete seeds
+        for bb, err, lam, cams in arms:
+            runs.setdefault((bb, err, lam), []).append(run_arm(bb, err, lam, seed, cams, args, cache))
+    rows, claims, loss_lines = [], [], []
+    for (bb, err, lam), rs in runs.items():
+        name = arm_name(err, lam)
+        rows.append(H.summary_row(name, bb, "-", "acc", [r["acc"] for r in rs]))
+        rows.append(H.summary_row(name, bb, "-", "align", [sum(r["align"]) / len(r["align"]) for r in rs]))
+        for e in rs[0]["means"]:
+            for m in METRICS:
+                rows.append(H.summary_row(name, bb, e, m, [r["means"][e][m] for r in rs], control=e in CONTROLS))
+        lc = H.seed_interval([r["loss"]["loss_c"] for r in rs])
+        lr_ = H.seed_interval([r["loss"]["lam_loss_r"] for r in rs])
+        loss_lines.append(f"| {bb} | {name} | {H.fmt_interval(lc['mean'], lc['ci95_low'], lc['ci95_high'], 4)} | "
+                          f"{H.fmt_interval(lr_['mean'], lr_['ci95_low'], lr_['ci95_high'], 4)} | "
+                          f"{100 * abs(lr_['mean']) / max(abs(lc['mean']) + abs(lr_['mean']), 1e-12):.1f} % | "
+                          f"{sum(r['train_s'] for r in rs) / len(rs):.0f} |")
+        base = runs.get((bb, "-", 0.0))
+        if err == "-" or not base:
+            continue
+        n = min(len(rs), len(base))
+        primary = lam == DEFAULT_LAM.get(bb, 7.5e-3) and err == "cosine"
+        pair = lambda key, f: ([f(r) for r in rs[:n]], [f(b) for b in base[:n]])  # noqa: E731
+        a, b = pair("acc", lambda r: [100 * v for v in r["correct"]])
+        claims.append(H.claim_row(f"{name} keeps accuracy ({bb})", "acc", a, b, +1, primary=primary))
+        a, b = pair("align", lambda r: r["align"])
+        claims.append(H.claim_row(f"{name} aligns dL/dx with guided dL/dx ({bb})", "cos", a, b, +1, primary=primary))
+        for cam in rs[0]["per_item"]:
+            if cam in CONTROLS or cam not in base[0]["per_item"]:
+                continue
+            for m in METRICS:
+                a, b = pair(m, lambda r: [float("nan") if v is None else v for v in r["per_item"][cam][m]])
+                claims.append(H.claim_row(f"{name}: {CAM_LABEL.get(cam, cam)} {m.upper()} ({bb})", m, a, b,
+                                          +1 if HIGHER[m] else -1,
+                                          primary=primary and cam == "gradcam" and m in ("ad", "ag")))
+    _, blur = insertion_blur(args.image_size)
     cmd = "python experiments/guided_gradients.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    L = [f"# Guided-gradient regularisation on the embedded benchmark (thesis Tables 4.1-4.2)\n",
-         f"Command: `{cmd.strip()}` (total {total_s / 60:.1f} min on this machine).\n",
-         f"Data: synthetic shapes, {args.num_classes} classes, {args.image_size} px, {args.train_size} train / "
-         f"{args.test_size} test images; {args.epochs} epochs, batch {args.batch_size}, AdamW lr {args.lr:g} (one-cycle), "
-         f"seed {args.seed}, same data order and initialisation for every run. L_R fraction {args.fraction:g}, "
-         f"applied every {args.every} step(s). "
-         f"CAMs for the ground-truth class on {args.eval_images} test images (`models.metrics.run_interpretability`, "
-         f"AD/AG/AI/Ins/Del ×100); CAM layer = deepest backbone tap with >= {args.min_spatial}x{args.min_spatial} cells "
-         f"(spec §10.14).\n"]
-    L.append("## Recognition (Table 4.1 / 4.2 accuracy)\n")
-    L.append("| backbone | error | λ | acc (%) | paper acc (CIFAR-100) | cos(dL/dx, guided dL/dx) | train time (s) | CAM layer |")
-    L.append("|---|---|---|---|---|---|---|---|")
-    for r in results.values():
-        pa = PAPER_ACC.get(r["backbone"], {}).get(r["error"], "")
-        L.append(f"| {r['backbone']} | {r['error']} | {r['lam']:g} | {r['acc']:.2f} | {pa} | {r['cos_align']:.3f} | "
-                 f"{r['train_s']:.0f} | {r['layer']} |")
-    L.append("\n## Interpretability, baseline vs cosine (Table 4.1)\n")
-    L.append("| backbone | method | error | λ | AD↓ | AG↑ | AI↑ | Ins↑ | Del↓ |\n|---|---|---|---|---|---|---|---|---|")
-    for r in results.values():
-        if len(r["cams"]) > 1:
-            for cam, v in r["cams"].items():
-                L.append(f"| {r['backbone']} | {CAM_LABEL.get(cam, cam)} | {r['error']} | {r['lam']:g} | {fmt(v['ad'])} | "
-                         f"{fmt(v['ag'])} | {fmt(v['ai'])} | {fmt(v['ins'])} | {fmt(v['del'])} |")
-    L.append("\n## Error functions, Grad-CAM only (Table 4.2)\n")
-    L.append("| backbone | error | λ | acc | AD↓ | AG↑ | AI↑ | Ins↑ | Del↓ |\n|---|---|---|---|---|---|---|---|---|")
-    for r in results.values():
-        if r["backbone"] == list(results.values())[0]["backbone"] and "gradcam" in r["cams"]:
-            v = r["cams"]["gradcam"]
-            L.append(f"| {r['backbone']} | {r['error']} | {r['lam']:g} | {r['acc']:.2f} | {fmt(v['ad'])} | {fmt(v['ag'])} | "
-                     f"{fmt(v['ai'])} | {fmt(v['ins'])} | {fmt(v['del'])} |")
-    if pngs:
-        L.append("\n## Gradient pictures\n")
-        for p in pngs:
-            L.append(f"![{p}]({p})\n")
-    L.append("\n(Analysis: see the section below, written after the run.)\n")
-    with open(args.out, "w") as fh:
-        fh.write("\n".join(L) + "\n")
-    print(f"wrote {args.out}")
+    intro = (f"Command: `{cmd.strip()}` ({(time.time() - t_start) / 60:.1f} min in this invocation; cached runs are "
+             f"not re-trained). {'**QUICK SMOKE RUN: numbers are meaningless.** ' if args.quick else ''}\n\n"
+             f"Data: synthetic shapes, {args.num_classes} classes, {args.image_size} px, {args.train_size} train / "
+             f"{args.test_size} test images; {args.epochs} epochs, batch {args.batch_size}, AdamW lr {args.lr:g} "
+             f"(one-cycle); seeds {args.seeds} (each arm of a seed starts from the same initialisation and data "
+             f"order). CAMs and controls for the ground-truth class on {args.eval_images} test images (x100); CAM "
+             f"layer = deepest tap with >= {args.min_spatial}x{args.min_spatial} cells (spec §10.14); insertion "
+             f"from a {blur} blur, {args.steps} steps (spec §10.15). `align` = per-image cosine between dL/dx and "
+             f"the guided dL/dx (the quantity L_R pushes up). Verdicts pair each arm with the baseline of the same "
+             f"seed on the same images. AD is read only with AG (Fake-CAM has a near-perfect AD).")
+    extra = ("## How large is the regulariser? (last-epoch means over seeds)\n\n| backbone | arm | L_C | λ·L_R | "
+             "|λ·L_R| / (|L_C| + |λ·L_R|) | train time (s) |\n|---|---|---|---|---|---|\n" + "\n".join(loss_lines) + "\n")
+    H.write_report(args.out, rows, claims, title="Guided-gradient regularisation (thesis Tables 4.1-4.2), with "
+                   "seeds, intervals and controls", intro=intro, extra_md=extra,
+                   meta=dict(args={k: v for k, v in vars(args).items()}, blur=blur),
+                   metrics=["acc", "align"] + list(METRICS))
+    print(f"wrote {args.out}.md / .json")
 
 
 if __name__ == "__main__":

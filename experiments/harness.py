@@ -65,11 +65,13 @@ def parse_seeds(text) -> List[int]:
 
 
 def add_common_args(parser: argparse.ArgumentParser, default_out: Optional[str] = None,
-                    default_seeds: Sequence[int] = DEFAULT_SEEDS) -> argparse.ArgumentParser:
-    """Add ``--seeds --out --quick --cache-dir --no-cache`` to ``parser``."""
+                    default_seeds: Sequence[int] = DEFAULT_SEEDS, out: bool = True) -> argparse.ArgumentParser:
+    """Add ``--seeds --out --quick --cache-dir --no-cache`` to ``parser`` (``out=False``: the script has its own
+    ``--out``)."""
     parser.add_argument("--seeds", type=parse_seeds, default=list(default_seeds),
                         help="training seeds: comma list ('0,1,2') or a count ('3x'); default %(default)s")
-    parser.add_argument("--out", default=default_out, help="report path prefix (writes <out>.md and <out>.json)")
+    if out:
+        parser.add_argument("--out", default=default_out, help="report path prefix (writes <out>.md and <out>.json)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny smoke run (seconds): tiny data, 1 step budget; numbers are meaningless")
     parser.add_argument("--cache-dir", default=os.path.join(ROOT, "checkpoints", "experiment_cache"),
