@@ -12,7 +12,8 @@ its interval with :func:`models.metrics.stats.verdict` (a verdict stored in a fi
   ``primary`` (or all claims of a source that marks none), and the number of supported / contradicted /
   inconclusive claims per source.
 
-Papers in ``PAPERS`` without a harness JSON are listed as "no verdict yet" with the command that produces one.
+Results of ``--quick`` smoke runs (``meta.quick`` or ``meta.args.quick``) are skipped. Papers in ``PAPERS`` without a
+harness JSON are listed as "no verdict yet" with the command that produces one.
 """
 from __future__ import annotations
 
@@ -59,6 +60,11 @@ def load_claims(results_dir: str) -> dict:
             continue
         claims = data.get("claims") if isinstance(data, dict) else None
         if not isinstance(claims, list) or not claims:
+            continue
+        meta = data.get("meta") if isinstance(data.get("meta"), dict) else {}
+        args = meta.get("args") if isinstance(meta.get("args"), dict) else {}
+        if meta.get("quick") or args.get("quick"):
+            print(f"[verdicts] skipping {path}: a --quick smoke run decides nothing", file=sys.stderr)
             continue
         good = []
         for c in claims:

@@ -62,6 +62,7 @@ def test_verdicts_recomputed_from_intervals(tmp_path):
               dict(claim="one seed", metric="acc", direction=1, mean=0.1, ci95_low=None, ci95_high=None, n_seeds=1)]
     (res / "picnn.json").write_text(json.dumps({"claims": claims}))
     (res / "other.json").write_text(json.dumps({"rows": []}))
+    (res / "smoke.json").write_text(json.dumps({"meta": {"args": {"quick": True}}, "claims": claims}))
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- verdicts:start -->\nold yes\n<!-- verdicts:end -->\nrest\n")
     md = tmp_path / "verdicts.md"
@@ -75,7 +76,7 @@ def test_verdicts_recomputed_from_intervals(tmp_path):
     full = md.read_text()
     assert "| down | ad | − |" in full and "**contradicted**" in full and full.count("**inconclusive**") == 2
     assert "1 supported, 1 contradicted, 2 inconclusive" in full
-    assert "No verdict yet" in full and "CA-Stream" in full
+    assert "No verdict yet" in full and "CA-Stream" in full and "smoke" not in full
     assert V.main(args + ["--check"]) == 0
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="verdicts:start"):
