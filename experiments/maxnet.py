@@ -1,0 +1,403 @@
+"""MAXNet Tables 3.3-3.5 on the embedded MNI atrophy benchmark (a simulation, not ADNI).
+
+    python experiments/maxnet.py                      # 5 arms x 3 seeds, ~20 min on 2 cores; resumable
+    python experiments/maxnet.py --max-minutes 4.5    # one chunk: stops starting runs after 4.5 min
+    python experiments/maxnet.py --quick              # smoke run (seconds), numbers meaningless
+
+Arms (same data, seeds 0, 1, 2 for the weights): ``maxnet`` (full), ``cnn`` (the same 5-stage stream + GAP +
+linear: a plain 3D CNN of the same depth), ``no_dam`` (F~_n = W_f(F_n)), ``no_mfm`` (concatenation instead of
+the max), ``no_losses`` (CE only). Checkpoint = best validation accuracy. On the test split:
+
+* accuracy and ROC-AUC (P(atrophy)) for every arm;
+* for ``maxnet``: HAM (intrinsic, ``forward_explain``) vs Grad-CAM, Grad-CAM++, Score-CAM (stage 5) on the
+  atrophy volumes, explaining the atrophy class: insertion / deletion AUC (zero baseline, spec §9),
+  pointing game and IoU (``S > mu + sigma``) against the ground-truth atrophy mask, seconds per heatmap;
+* PCR (eqs 3.19-3.20, 3.29-3.30): swap deletion / insertion confidence of the 3 retrieved references vs
+  random training volumes with the same label.
+
+Every (arm, seed) is cached (``--cache-dir``) so the command can run in chunks. Writes docs/results/maxnet.md /
+.json and maxnet_heatmaps.png (axial / coronal / sagittal slices through the left hippocampus, GT outline).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from experiments import harness as H  # noqa: E402
+
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*LeafSpec.*")
+warnings.filterwarnings("ignore", ".*GPU available.*")
+warnings.filterwarnings("ignore", ".*predict_dataloader.*")
+
+ARMS = ("maxnet", "cnn", "no_dam", "no_mfm", "no_losses")
+EXPLAINERS = ("ham", "gradcam", "gradcampp", "scorecam")
+WIDTHS, KERNELS = (15, 25, 50, 50, 50), (3, 3, 3, 3, 1)
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    H.add_common_args(p, default_out="docs/results/maxnet")
+    p.add_argument("--arms", default=",".join(ARMS))
+    p.add_argument("--resolution", type=int, default=4)
+    p.add_argument("--train-size", type=int, default=200)
+    p.add_argument("--val-size", type=int, default=60)
+    p.add_argument("--test-size", type=int, default=100)
+    p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--ce-only-epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam lr (paper 1e-4 over 70 epochs; see docs)")
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--xai-volumes", type=int, default=16, help="test atrophy volumes explained per seed")
+    p.add_argument("--curve-steps", type=int, default=20)
+    p.add_argument("--pcr-queries", type=int, default=30)
+    p.add_argument("--max-minutes", type=float, default=0.0, help="stop starting new runs after this (0 = no limit)")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.train_size, args.val_size, args.test_size, args.epochs, args.ce_only_epochs = 16, 8, 12, 2, 1
+        args.xai_volumes, args.curve_steps, args.pcr_queries, args.seeds = 3, 4, 4, [0]
+        args.out = args.out + "_quick"
+    return args
+
+
+# ---------------------------------------------------------------------------------------------- data
+class _Mem(torch.utils.data.Dataset):
+    def __init__(self, d):
+        self.d = d
+
+    def __len__(self):
+        return len(self.d["label"])
+
+    def __getitem__(self, i):
+        return {"image": self.d["image"][i], "label": self.d["label"][i], "mask": self.d["mask"][i],
+                "index": torch.tensor(i)}
+
+
+def load_data(args, cache_dir):
+    """All three splits as tensors; rendered once and cached as safetensors (images fp16)."""
+    from safetensors.torch import load_file, save_file
+
+    from trainers.data.mni import MNIAtrophy
+
+    key = H.config_hash(dict(kind="maxnet-data", r=args.resolution, n=(args.train_size, args.val_size, args.test_size),
+                             seed=args.data_seed, v=1))
+    path = os.path.join(cache_dir, f"maxnet_data_{key}.safetensors")
+    if os.path.exists(path):
+        t = load_file(path)
+    else:
+        t0 = time.time()
+        t = {}
+        for split, n in (("train", args.train_size), ("val", args.val_size), ("test", args.test_size)):
+            ds = MNIAtrophy(split, n, seed=args.data_seed, resolution=args.resolution, cache=False)
+            items = [ds[i] for i in range(n)]
+            t[f"{split}_image"] = torch.stack([it["image"] for it in items]).half()
+            t[f"{split}_label"] = torch.stack([it["label"] for it in items])
+            t[f"{split}_mask"] = torch.stack([it["mask"] for it in items]).to(torch.uint8)
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = path + ".tmp"
+        save_file(t, tmp)
+        os.replace(tmp, path)
+        print(f"[data] rendered {sum(len(t[f'{s}_label']) for s in ('train', 'val', 'test'))} subjects in "
+              f"{time.time() - t0:.0f} s -> {path}", flush=True)
+    return {s: {"image": t[f"{s}_image"].float(), "label": t[f"{s}_label"].long(), "mask": t[f"{s}_mask"].long()}
+            for s in ("train", "val", "test")}
+
+
+# ---------------------------------------------------------------------------------------------- training
+class BestState:
+    """Keeps the weights of the best validation accuracy in memory (checkpoint selection, spec §6)."""
+
+    def __init__(self):
+        self.best, self.state, self.epoch = -1.0, None, -1
+
+    def update(self, module, acc, epoch):
+        if acc > self.best:
+            self.best, self.epoch = acc, epoch
+            self.state = {k: v.detach().clone() for k, v in module.model.state_dict().items()}
+
+
+def make_module(arm, args, steps_per_epoch):
+    from trainers.classification import ClassificationModule
+    from trainers.maxnet import MAXNetModule
+
+    opt = {"name": "adam", "lr": args.lr, "weight_decay": args.weight_decay}
+    sched = {"name": "poly", "power": 0.9, "interval": "step"}
+    if arm == "cnn":
+        return ClassificationModule(model="baseline", model_kwargs=dict(
+            backbone="maxnet3d", in_chans=1, backbone_kwargs=dict(widths=WIDTHS, kernels=KERNELS)), num_classes=2,
+            optimizer=opt, scheduler=sched)
+    mk = dict(use_dam=arm != "no_dam", use_mfm=arm != "no_mfm")
+    ce_only = args.epochs if arm == "no_losses" else args.ce_only_epochs
+    return MAXNetModule(model_kwargs=mk, num_classes=2, ce_only_epochs=ce_only, optimizer=opt, scheduler=sched)
+
+
+def train(arm, seed, data, args):
+    import pytorch_lightning as pl
+
+    H.seed_everything(seed)
+    module = make_module(arm, args, math.ceil(args.train_size / args.batch_size))
+    g = torch.Generator().manual_seed(seed)
+    tr = torch.utils.data.DataLoader(_Mem(data["train"]), batch_size=args.batch_size, shuffle=True, generator=g)
+    best = BestState()
+
+    class _Sel(pl.Callback):  # defined here: never pickled (single process)
+        def on_validation_epoch_end(self, trainer, pl_module):
+            acc = float(trainer.callback_metrics.get("val/acc", -1))
+            best.update(pl_module, acc, trainer.current_epoch)
+
+    va = torch.utils.data.DataLoader(_Mem(data["val"]), batch_size=16)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=args.epochs, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         callbacks=[_Sel()])
+    t0 = time.time()
+    trainer.fit(module, tr, va)
+    secs = time.time() - t0
+    module.model.load_state_dict(best.state)
+    return module.model.eval(), dict(train_seconds=secs, best_epoch=best.epoch, best_val_acc=best.best)
+
+
+@torch.no_grad()
+def predict(model, x, bs=20):
+    return torch.cat([model(x[i:i + bs]) for i in range(0, len(x), bs)])
+
+
+def classification(model, data):
+    from sklearn.metrics import roc_auc_score
+
+    logits = predict(model, data["test"]["image"])
+    y = data["test"]["label"]
+    prob = logits.softmax(1)[:, 1]
+    return dict(acc=float((logits.argmax(1) == y).float().mean()), auc=float(roc_auc_score(y.numpy(), prob.numpy())),
+                per_item_correct=(logits.argmax(1) == y).float().tolist())
+
+
+# ---------------------------------------------------------------------------------------------- HAM vs CAMs
+def explain_all(model, x, t):
+    from models.explainers import create_explainer
+
+    maps, secs = {}, {}
+    for name in EXPLAINERS:
+        t0 = time.perf_counter()
+        if name == "ham":
+            m = torch.cat([model.forward_explain(x[i:i + 4], t[i:i + 4])[1] for i in range(0, len(x), 4)])
+        else:
+            ex = create_explainer(name, model)  # stage 5 (cam_target_layer), as in the paper
+            m = torch.cat([ex(x[i:i + 4], t[i:i + 4]) for i in range(0, len(x), 4)])
+        secs[name] = (time.perf_counter() - t0) / len(x)
+        maps[name] = m
+    return maps, secs
+
+
+def xai(model, data, args):
+    from models.metrics.faithfulness import curve_auc, perturbation_curves
+    from models.metrics.localization import binarize_saliency, mask_iou, pointing_hits
+
+    sel = (data["test"]["label"] == 1).nonzero().flatten()[: args.xai_volumes]
+    x, gt = data["test"]["image"][sel], data["test"]["mask"][sel] > 0
+    t = torch.ones(len(sel), dtype=torch.long)
+    maps, secs = explain_all(model, x, t)
+    out = {}
+    for name, m in maps.items():
+        ins = curve_auc(perturbation_curves(model, x, m, t, "insertion", steps=args.curve_steps, baseline="black",
+                                            max_batch=32))
+        dele = curve_auc(perturbation_curves(model, x, m, t, "deletion", steps=args.curve_steps, baseline="black",
+                                             max_batch=32))
+        out[name] = dict(insertion=ins.tolist(), deletion=dele.tolist(), pointing=pointing_hits(m, gt).float().tolist(),
+                         iou=mask_iou(binarize_saliency(m), gt).tolist(), seconds=secs[name])
+    return out, (x, gt, maps)
+
+
+# ---------------------------------------------------------------------------------------------- PCR
+def pcr(model, data, args, seed):
+    from models.maxnet import build_reference_set, swap_confidences
+
+    tr = torch.utils.data.DataLoader(_Mem(data["train"]), batch_size=16)
+    ref = build_reference_set(model, tr)
+    n = min(args.pcr_queries, len(data["test"]["label"]))
+    x = data["test"]["image"][:n]
+    logits, pk = model.class_latent_map(x)
+    pred = logits.argmax(1)
+    idx, _ = ref.retrieve(pk.flatten(1), pred, k=3)
+    g = torch.Generator().manual_seed(1000 + seed)
+    res = {"pcr_D": [], "pcr_I": [], "rand_D": [], "rand_I": [], "ref_label_agrees": []}
+    for r in range(3):
+        ok = idx[:, r] >= 0
+        rand = torch.tensor([(ref.preds == p).nonzero().flatten()[torch.randint(int((ref.preds == p).sum()), (1,),
+                                                                                 generator=g)].item()
+                             if (ref.preds == p).any() else -1 for p in pred])
+        for kind, ii in (("pcr", idx[:, r]), ("rand", rand)):
+            use = ok & (ii >= 0)
+            d, i_ = swap_confidences(model, x[use], pk.flatten(1)[use], ref.maps[ii[use]], ref.grid)
+            res[f"{kind}_D"].append(d.tolist())
+            res[f"{kind}_I"].append(i_.tolist())
+        res["ref_label_agrees"].append((ref.labels[idx[ok, r]] == pred[ok]).float().mean().item())
+    res["reference_size"] = len(ref)
+    return res
+
+
+# ---------------------------------------------------------------------------------------------- figure
+def heatmap_figure(x, gt, maps, path, resolution):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from trainers.data.mni import HIPPOCAMPI_MM, load_mni_template
+
+    aff = load_mni_template(resolution)["affine"]
+    ijk = np.round(np.linalg.solve(aff[:3, :3], np.array(HIPPOCAMPI_MM[0]) - aff[:3, 3])).astype(int)
+    b = 0
+    names = ["image"] + list(maps)
+    fig, axes = plt.subplots(3, len(names), figsize=(2.4 * len(names), 7.2))
+    views = (("axial", lambda v: v[:, :, ijk[2]].T), ("coronal", lambda v: v[:, ijk[1], :].T),
+             ("sagittal", lambda v: v[ijk[0], :, :].T))
+    img = x[b, 0].numpy()
+    for r, (vname, cut) in enumerate(views):
+        for c, name in enumerate(names):
+            ax = axes[r, c]
+            ax.imshow(cut(img), cmap="gray", origin="lower")
+            if name != "image":
+                ax.imshow(cut(maps[name][b].numpy()), cmap="jet", alpha=0.45, origin="lower", vmin=0, vmax=1)
+            ax.contour(cut(gt[b].float().numpy()), levels=[0.5], colors="white", linewidths=0.8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title({"ham": "HAM", "gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++",
+                              "scorecam": "Score-CAM"}.get(name, "T1 + GT"))
+            if c == 0:
+                ax.set_ylabel(vname)
+    fig.suptitle("MAXNet on a simulated atrophy volume (white: ground-truth changed voxels)")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=90)
+    os.replace(tmp, path)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------- report
+def report(args, results, seeds):
+    rows, claims = [], []
+    arms = [a for a in args.arms.split(",") if a in results]
+    for arm in arms:
+        per = results[arm]
+        for metric in ("acc", "auc"):
+            rows.append(H.summary_row(arm, "maxnet3d-stream", "-", metric, [per[s][metric] for s in seeds if s in per],
+                                      control=arm != "maxnet"))
+    full = results.get("maxnet", {})
+    common = [s for s in seeds if s in full]
+    for arm in arms:
+        if arm == "maxnet":
+            continue
+        ss = [s for s in common if s in results[arm]]
+        if ss:
+            claims.append(H.claim_row(f"MAXNet > {arm} (accuracy)", "acc", [full[s]["acc"] for s in ss],
+                                      [results[arm][s]["acc"] for s in ss], +1))
+    xrows = []
+    for name in EXPLAINERS:
+        for metric in ("insertion", "deletion", "pointing", "iou", "seconds"):
+            vals = [float(np.mean(full[s]["xai"][name][metric])) for s in common if "xai" in full[s]]
+            xrows.append(H.summary_row("maxnet", "maxnet3d-stream", name, metric, vals, control=name != "ham"))
+    for name in EXPLAINERS[1:]:
+        for metric, sign in (("insertion", +1), ("deletion", -1), ("pointing", +1), ("iou", +1)):
+            a = [full[s]["xai"]["ham"][metric] for s in common if "xai" in full[s]]
+            b = [full[s]["xai"][name][metric] for s in common if "xai" in full[s]]
+            if a:
+                claims.append(H.claim_row(f"HAM vs {name}: {metric}", metric, a, b, sign))
+    prow = []
+    for kind in ("D", "I"):
+        for r in range(3):
+            for arm_kind in ("pcr", "rand"):
+                vals = [float(np.mean(full[s]["pcr"][f"{arm_kind}_{kind}"][r])) for s in common if "pcr" in full[s]]
+                prow.append(H.summary_row("maxnet", "maxnet3d-stream", f"{'PCR' if arm_kind == 'pcr' else 'random'} "
+                                          f"r{r + 1}", f"swap_{'deletion' if kind == 'D' else 'insertion'}", vals,
+                                          control=arm_kind == "rand"))
+            a = [full[s]["pcr"][f"pcr_{kind}"][r] for s in common if "pcr" in full[s]]
+            b = [full[s]["pcr"][f"rand_{kind}"][r] for s in common if "pcr" in full[s]]
+            if a:
+                # unpaired per query (different references), so compare per-seed means
+                claims.append(H.claim_row(f"PCR r{r + 1} > random same-label: swap "
+                                          f"{'deletion' if kind == 'D' else 'insertion'}", f"rho_{kind}",
+                                          [float(np.mean(v)) for v in a], [float(np.mean(v)) for v in b], +1))
+    tr_secs = {arm: [results[arm][s]["train_seconds"] for s in seeds if s in results[arm]] for arm in arms}
+    extra = "## HAM vs post-hoc CAMs (MAXNet, atrophy test volumes, target = atrophy class)\n\n"
+    extra += H.rows_markdown(xrows, ["insertion", "deletion", "pointing", "iou", "seconds"], digits=3)
+    extra += "\n## PCR swap confidences (cosines of logit changes; 'random' = random training volume of the same label)\n\n"
+    extra += H.rows_markdown(prow, ["swap_deletion", "swap_insertion"], digits=3)
+    extra += "\n## Run facts\n\n" + "\n".join(
+        f"- {arm}: training {np.mean(v):.0f} s per seed; best validation epoch "
+        f"{[results[arm][s]['best_epoch'] for s in seeds if s in results[arm]]}" for arm, v in tr_secs.items() if v)
+    if common and "pcr" in full[common[0]]:
+        extra += "\n- PCR reference set sizes (correctly classified training volumes): " + str(
+            [full[s]["pcr"]["reference_size"] for s in common]) + "; share of retrieved references whose true label " \
+            "equals the query's prediction (r1, r2, r3) per seed: " + str(
+            [[round(v, 3) for v in full[s]["pcr"]["ref_label_agrees"]] for s in common])
+    intro = (f"Simulated atrophy on the MNI152 template at {args.resolution} mm (trainers/data/mni.py; a simulation "
+             f"for testing localisation, not a clinical dataset). Train/val/test {args.train_size}/{args.val_size}/"
+             f"{args.test_size} subjects (data seed {args.data_seed}), {args.epochs} epochs ({args.ce_only_epochs} CE "
+             f"only), Adam lr {args.lr} wd {args.weight_decay}, poly decay, batch {args.batch_size}; weight seeds "
+             f"{seeds}. Command: `python experiments/maxnet.py`. Intervals: t over seeds (rows), paired difference "
+             "over seeds (+ per-volume bootstrap where the values are per volume) for verdicts. "
+             "Heatmaps: docs/results/maxnet_heatmaps.png.")
+    return H.write_report(args.out, rows, claims, title="MAXNet on the MNI atrophy benchmark (Tables 3.3-3.5 analog)",
+                          intro=intro, extra_md=extra, meta=dict(args={k: v for k, v in vars(args).items()},
+                                                                  seeds=seeds), metrics=["acc", "auc"])
+
+
+def main(argv=None):
+    args = parse(argv)
+    torch.set_num_threads(args.threads)
+    t_start = time.time()
+    cache = H.RunCache(args.cache_dir, enabled=not args.no_cache)
+    data = load_data(args, args.cache_dir)
+    results = {}
+    cfg_common = {k: getattr(args, k) for k in ("resolution", "train_size", "val_size", "test_size", "data_seed",
+                                                 "epochs", "ce_only_epochs", "batch_size", "lr", "weight_decay",
+                                                 "xai_volumes", "curve_steps", "pcr_queries")}
+    stopped = False
+    for seed in args.seeds:
+        for arm in args.arms.split(","):
+            if arm not in ARMS:
+                raise SystemExit(f"unknown arm {arm!r}; choose from {ARMS}")
+            cfg = dict(exp="maxnet", arm=arm, seed=seed, v=1, **cfg_common)
+            hit = cache.get(cfg)
+            if hit is None:
+                if args.max_minutes and (time.time() - t_start) / 60 > args.max_minutes:
+                    stopped = True
+                    continue
+
+                def run():
+                    model, info = train(arm, seed, data, args)
+                    res = dict(info, **classification(model, data))
+                    if arm == "maxnet":
+                        res["xai"], pics = xai(model, data, args)
+                        res["pcr"] = pcr(model, data, args, seed)
+                        if seed == args.seeds[0]:
+                            heatmap_figure(*pics, path=os.path.join(os.path.dirname(args.out),
+                                                                     "maxnet_heatmaps.png"), resolution=args.resolution)
+                    return res
+
+                t0 = time.time()
+                hit = cache.get_or_run(cfg, run)
+                print(f"[run] {arm} seed {seed}: acc {hit['acc']:.3f} auc {hit['auc']:.3f} "
+                      f"({time.time() - t0:.0f} s)", flush=True)
+            results.setdefault(arm, {})[seed] = hit
+    md = report(args, results, args.seeds)
+    print(md)
+    if stopped:
+        print("[chunk] time budget reached: run the same command again to continue.", flush=True)
+
+
+if __name__ == "__main__":
+    main()
