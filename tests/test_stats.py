@@ -136,6 +136,14 @@ def test_two_level_bootstrap_coverage_with_seed_noise():
     assert cover2 > coverp + 10
 
 
+def test_one_value_per_seed_needs_three_seeds():
+    r = paired_diff_across_seeds([[1.0], [2.0]], [[0.0], [0.5]])
+    assert math.isnan(r["ci95_low"]) and "3 seeds" in r["method"]
+    assert verdict(r["ci95_low"], r["ci95_high"]) == "inconclusive"
+    r = paired_diff_across_seeds([[1.0], [2.0], [1.5]], [[0.0], [0.5], [0.4]])
+    assert r["method"] == "t over per-seed paired means" and r["ci95_low"] > 0
+
+
 def test_single_seed_method_is_labelled():
     r = paired_diff_across_seeds([np.arange(10.0)], [np.zeros(10)])
     assert r["n_seeds"] == 1 and "training variance not captured" in r["method"]

@@ -16,7 +16,9 @@ lists, numpy arrays or torch tensors. Every function returns a plain dict (JSON-
   - ``n_seeds in (1, 2)``: a t-interval on 1-2 values is useless (t_{0.975,1} = 12.7), so a two-level
     bootstrap is used: resample seeds with replacement, then images within each drawn seed, average
     (``method="two-level bootstrap"``). With a single seed only the image level exists; the method then says
-    ``"image bootstrap (1 seed: training variance not captured)"``.
+    ``"image bootstrap (1 seed: training variance not captured)"``. Quantities with one value per seed (MIS, a
+    split-level mIoU) have no image level: with fewer than 3 seeds their interval is undefined (NaN), because
+    a bootstrap over 2 values would call two same-signed seeds an effect.
 
   Pooling all images of all seeds as if independent is *not* done: it would shrink the interval as
   ``1/sqrt(n_seeds * n_images)`` whatever the seed-to-seed spread (tests/test_stats.py checks this).
@@ -129,6 +131,9 @@ def paired_diff_across_seeds(a_per_seed: Sequence, b_per_seed: Sequence, ci: flo
         r = seed_interval(means, ci)
         r["method"] = "t over per-seed paired means"
         return r
+    if all(d.size < 2 for d in diffs):  # one value per seed (e.g. MIS, a split-level mIoU): no image level
+        return _nan_result(float(means.mean()), n_seeds=n,
+                           method="undefined: one value per seed needs >= 3 seeds (t over seeds)")
     rng = np.random.default_rng(seed)
     boots = np.empty(int(n_boot))
     for k in range(int(n_boot)):
