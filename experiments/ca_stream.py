@@ -25,7 +25,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from experiments import harness as H  # noqa: E402
 
 PAPER_R18 = {  # seed 001 Table 3.1, ResNet-18 on ImageNet: (AD, AG, AI, I, D)
     "gradcam": {"GAP": (17.64, 12.73, 41.21, 63.13, 10.66), "CA": (16.99, 17.22, 44.95, 65.94, 10.68)},
@@ -55,7 +58,12 @@ def parse_args(argv=None):
     p.add_argument("--metrics", default="ad,ag,ai,ins,del,pg,miou")
     p.add_argument("--start-stage", type=int, default=0)
     p.add_argument("--class-specific", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="data seed (and the training seed of --legacy)")
+    p.add_argument("--legacy", action="store_true", help="the former single-seed flow (baseline and stream on the "
+                   "same images); default: seeds, disjoint halves, intervals and verdicts through the harness")
+    p.add_argument("--min-explain-size", type=int, default=7, help="post-hoc CAMs are also computed at the deepest "
+                   "tap >= this size (harness.explain_layer_for), besides the paper's last stage")
+    H.add_common_args(p, out=False)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workdir", default=os.path.join(ROOT, "checkpoints", "ca_stream_experiment"))
     p.add_argument("--out", default=os.path.join(ROOT, "docs", "results", "ca_stream.md"))
@@ -154,6 +162,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.diagnose:
         return _diagnose(args)
+    if not (args.legacy or args.report_from):
+        return main_seeds(args, argv)
     if args.report_from:  # rewrite the table from the JSON of a finished run
         with open(args.report_from) as f:
             rec = json.load(f)
@@ -264,6 +274,167 @@ def main(argv=None):
                 t_total=t_total, fit=log, stream_dims=ca.stream.dims, pooled_stem=ca.pooled_stem)
     _write(args, results, info, explainers, argv)
     print(f"done in {t_total / 60:.1f} min -> {args.out}")
+
+
+CONTROLS = ("random", "gaussian", "fakecam", "colorcontrast", "edges", "untrained")
+HIGHER = {"acc": True, "ad": False, "ag": True, "ai": True, "ins": True, "del": False, "pg": True, "miou": True,
+          "epg": True}
+
+
+def _fit_loader(module, loader, epochs, root):
+    import pytorch_lightning as pl
+
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                         default_root_dir=root, enable_progress_bar=False)
+    trainer.fit(module, train_dataloaders=loader)
+
+
+@torch.no_grad()
+def _correct(model, loader):
+    """Per-image correctness (x100) of the CA head and of the frozen GAP head on the same features."""
+    ca, gap = [], []
+    for b in loader:
+        out = model.forward_stream(b["image"]) if hasattr(model, "forward_stream") else {"logits": model(b["image"])}
+        ca += (out["logits"].argmax(1) == b["label"]).float().mul(100).tolist()
+        if "gap_logits" in out:
+            gap += (out["gap_logits"].argmax(1) == b["label"]).float().mul(100).tolist()
+    return ca, gap
+
+
+def _one_seed(args, seed):
+    """Baseline on the first half of the training images, the stream on the other half (so the frozen baseline
+    has not memorised the images the stream learns from); both evaluated on the same test images."""
+    import pytorch_lightning as pl
+
+    from models import Baseline, load_weights, save_weights
+    from models.explainers import create_explainer
+    from models.metrics import run_interpretability
+    from trainers.ca_stream import CAStreamModule
+    from trainers.classification import ClassificationModule
+    from trainers.data.synthetic import SyntheticShapes
+
+    kw = dict(num_classes=args.num_classes, image_size=args.image_size, seed=args.seed)
+    train = SyntheticShapes("train", args.train_size, **kw)
+    test = SyntheticShapes("test", args.test_size, **kw)
+    half = len(train) // 2
+    part_a = torch.utils.data.Subset(train, range(half))
+    part_b = torch.utils.data.Subset(train, range(half, len(train)))
+
+    def loader(ds, shuffle):
+        return torch.utils.data.DataLoader(ds, batch_size=args.batch_size if shuffle else 100, shuffle=shuffle,
+                                           generator=torch.Generator().manual_seed(seed), drop_last=shuffle)
+
+    root = os.path.join(args.workdir, f"seed{seed}")
+    os.makedirs(root, exist_ok=True)
+    t0 = time.time()
+    pl.seed_everything(seed, workers=True, verbose=False)
+    mod = ClassificationModule(model="baseline", model_kwargs=dict(backbone=args.backbone),
+                               num_classes=args.num_classes,
+                               optimizer={"name": "adamw", "lr": 0.002, "weight_decay": 0.05},
+                               scheduler={"name": "cosine", "eta_min": 1e-5})
+    _fit_loader(mod, loader(part_a, True), args.baseline_epochs, root)
+    base_path = os.path.join(root, "baseline.safetensors")
+    save_weights(mod.model, base_path)
+    t_base = time.time() - t0
+    pl.seed_everything(seed, workers=True, verbose=False)
+    step = max(1, round(args.stream_epochs * 2 / 3))
+    ca_mod = CAStreamModule(model_kwargs=dict(backbone=args.backbone, start_stage=args.start_stage,
+                                              class_specific=args.class_specific),
+                            num_classes=args.num_classes, checkpoint_path=base_path, train_mode="stream",
+                            optimizer={"name": "sgd", "lr": args.stream_lr, "momentum": 0.9, "weight_decay": 1e-4},
+                            scheduler={"name": "step", "step_size": step, "gamma": 0.1})
+    _fit_loader(ca_mod, loader(part_b, True), args.stream_epochs, root)
+    ca = ca_mod.model.eval()
+    save_weights(ca, os.path.join(root, "ca_stream.safetensors"))
+    gap = Baseline(num_classes=args.num_classes, backbone=args.backbone)
+    load_weights(gap, base_path, verbose=False)
+    gap.eval()
+    acc_ca, acc_gap = _correct(ca, loader(test, False))
+    memo_a, _ = _correct(gap, loader(part_a, False))  # the baseline on its own training half
+    memo_b, _ = _correct(gap, loader(part_b, False))  # ... and on the stream's half (unseen by the baseline)
+    layer = H.explain_layer_for(gap, args.image_size, args.min_explain_size)
+    explainers = [e for e in args.explainers.split(",") if e]
+    sub = torch.utils.data.Subset(test, range(min(args.eval_images, len(test))))
+    res = {}
+    for tag, model in (("GAP", gap), ("CA", ca)):
+        names = [(e, create_explainer(e, model)) for e in explainers]  # the paper's last stage
+        names += [(f"{e}@tap{layer}", create_explainer(e, model, target_layers=layer)) for e in explainers]
+        names += ["intrinsic"] + [c for c in CONTROLS if c != "untrained"]
+        names.append(("untrained", create_explainer("untrained", model, base="gradcam", target_layers=layer)))
+        r = run_interpretability(model, torch.utils.data.DataLoader(sub, batch_size=50), names,
+                                 metrics=args.metrics, target="label", sanity=False, steps=args.steps,
+                                 progress=False)
+        res[tag] = dict(means={k: dict(v) for k, v in r.items()}, per_item=r.per_item,
+                        maps=r.meta.get("maps", {}))
+    return dict(acc_ca=acc_ca, acc_gap=acc_gap, base_train_acc=float(np.mean(memo_a)),
+                base_heldout_train_acc=float(np.mean(memo_b)), layer=layer,
+                layer_size=list(H.tap_sizes(gap, args.image_size)[layer]), t_base=t_base,
+                t_total=time.time() - t0, **res)
+
+
+def main_seeds(args, argv):
+    """GAP vs CA over ``--seeds`` with paired intervals, controls and verdicts (issue 14)."""
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.train_size, args.test_size, args.eval_images = 128, 32, 8
+        args.baseline_epochs, args.stream_epochs, args.steps = 1, 1, 4
+    cache = H.RunCache(args.cache_dir, enabled=not args.no_cache)
+    keys = ("backbone", "num_classes", "image_size", "train_size", "test_size", "eval_images", "baseline_epochs",
+            "stream_epochs", "steps", "stream_lr", "batch_size", "explainers", "metrics", "start_stage",
+            "class_specific", "seed", "min_explain_size")
+    t0 = time.time()
+    runs = []
+    for seed in args.seeds:
+        cfg = dict(kind="ca_stream_run", version=2, train_seed=seed, **{k: getattr(args, k) for k in keys})
+        runs.append(cache.get_or_run(cfg, lambda: _one_seed(args, seed)))
+        print(f"[ca_stream] seed {seed}: CA {np.mean(runs[-1]['acc_ca']):.1f} %, GAP {np.mean(runs[-1]['acc_gap']):.1f} %"
+              f" (baseline train-half acc {runs[-1]['base_train_acc']:.1f} %, stream-half "
+              f"{runs[-1]['base_heldout_train_acc']:.1f} %)", flush=True)
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    bb = args.backbone
+    rows = [H.summary_row("GAP (baseline)", bb, "-", "acc", [np.mean(r["acc_gap"]) for r in runs]),
+            H.summary_row("CA-Stream", bb, "-", "acc", [np.mean(r["acc_ca"]) for r in runs]),
+            H.summary_row("GAP (baseline)", bb, "-", "train_half_acc", [r["base_train_acc"] for r in runs]),
+            H.summary_row("GAP (baseline)", bb, "-", "stream_half_acc", [r["base_heldout_train_acc"] for r in runs])]
+    for tag, label in (("GAP", "GAP (baseline)"), ("CA", "CA-Stream")):
+        for e in runs[0][tag]["means"]:
+            for m in metrics:
+                rows.append(H.summary_row(label, bb, e, m, [r[tag]["means"][e].get(m) for r in runs],
+                                          control=e in CONTROLS))
+    claims = [H.claim_row(f"CA-Stream keeps accuracy ({bb}, {args.image_size} px)", "acc",
+                          [r["acc_ca"] for r in runs], [r["acc_gap"] for r in runs], +1, primary=True)]
+    for e in runs[0]["CA"]["per_item"]:
+        if e in CONTROLS or e == "intrinsic":
+            continue
+        for m in metrics:
+            a = [[np.nan if v is None else v for v in r["CA"]["per_item"][e].get(m, [])] for r in runs]
+            b = [[np.nan if v is None else v for v in r["GAP"]["per_item"][e].get(m, [])] for r in runs]
+            if not all(len(x) and len(x) == len(y) for x, y in zip(a, b)):
+                continue
+            claims.append(H.claim_row(f"CA-Stream improves {NAMES.get(e.split('@')[0], e)}"
+                                      f"{' at ' + e.split('@')[1] if '@' in e else ' (last stage)'} {m.upper()} "
+                                      f"({args.image_size} px)", m, a, b, +1 if HIGHER[m] else -1,
+                                      primary=m in ("ad", "ag") and e in ("gradcam", f"gradcam@tap{runs[0]['layer']}")))
+    cmd = "python experiments/ca_stream.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    intro = (f"Command: `{cmd.strip()}` ({(time.time() - t0) / 60:.1f} min in this invocation; cached seeds are "
+             f"not re-trained). {'**QUICK SMOKE RUN: numbers are meaningless.** ' if args.quick else ''}\n\n"
+             f"Per seed ({args.seeds}): a baseline {bb} (GAP + linear) trained on the first half of "
+             f"{args.train_size} training images ({args.baseline_epochs} epochs), then CA-Stream's stream on the "
+             f"*other* half ({args.stream_epochs} epochs; backbone and classifier frozen), so the frozen GAP head "
+             f"has not memorised the stream's images (its accuracy on its own half and on the stream's half are "
+             f"rows `train_half_acc` / `stream_half_acc`). {args.image_size} px; post-hoc CAMs at the paper's last "
+             f"stage ({'x'.join(map(str, H.tap_sizes(__import__('models').create_model('baseline', backbone=bb, num_classes=2), args.image_size)[-1]))}) "
+             f"and at tap {runs[0]['layer']} ({'x'.join(map(str, runs[0]['layer_size']))}, the deepest >= "
+             f"{args.min_explain_size}x{args.min_explain_size}), ground-truth class, first {args.eval_images} test "
+             f"images; controls through the same code. The resolution claim is tested by running this command at "
+             f"`--image-size 128` (`--out` of another name).")
+    prefix = os.path.splitext(args.out)[0]
+    H.write_report(prefix, rows, claims, title=f"CA-Stream (seed 001 Tables 3.1/3.3) with seeds, disjoint halves, "
+                   f"intervals and controls ({args.image_size} px)", intro=intro, meta=dict(args=vars(args)),
+                   metrics=["acc", "train_half_acc", "stream_half_acc"] + metrics)
+    print(f"[ca_stream] wrote {prefix}.md / .json")
+    return runs
 
 
 def _attention_png(model, imgs, labels, masks, class_names, path):

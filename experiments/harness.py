@@ -330,6 +330,11 @@ def write_report(prefix: str, rows: Sequence[Mapping], claims: Sequence[Mapping]
     md = f"# {title}\n\n" if title else ""
     if intro:
         md += intro.rstrip() + "\n\n"
+    dropped = [c for c in claims if not c.get("n_seeds")]
+    claims = [c for c in claims if c.get("n_seeds")]
+    if dropped:
+        extra_md = (f"{len(dropped)} claim(s) had no values (localisation refused on maps coarser than 4x4, or only "
+                    f"constant maps): {'; '.join(c['claim'] for c in dropped)}.\n\n") + extra_md
     if claims:
         md += ("## Verdicts (rule: supported = the 95 % interval of the paired difference excludes 0 in the paper's "
                "direction; contradicted = excludes 0 the other way; inconclusive = otherwise)\n\n")
