@@ -158,7 +158,7 @@ class PICNN(InterpretableClassifier):
                 raise ValueError(f"{arg}={val!r} is not supported; choose one of {allowed}.")
         self.p_param, self.sampler, self.gumbel_tau, self.cluster_rule = p_param, sampler, float(gumbel_tau), cluster_rule
         bkw = dict(backbone_kwargs or {})
-        out_indices = None
+        out_indices = bkw.pop("out_indices", None)  # e.g. the main job's out_indices=[1, 2, 3]
         if target_layer not in ("new", "last"):
             names = Backbone(backbone, pretrained=False, in_chans=in_chans, **bkw).stage_names
             if target_layer not in names:
