@@ -20,7 +20,8 @@ def _run(tmp_path, *extra):
            "--mechanisms", "baseline,guided_gradients", "--out", str(tmp_path / "lb"),
            "--cache-dir", str(tmp_path / "cache"), *extra]
     t0 = time.time()
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                         env={**os.environ, "LEADERBOARD_STRICT": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     return time.time() - t0
 
