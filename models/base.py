@@ -40,22 +40,29 @@ def upsample_to(maps: Tensor, size: Sequence[int]) -> Tensor:
     return F.interpolate(maps, size=size, mode=mode, align_corners=False)
 
 
-def normalize_saliency(maps: Tensor, size: Optional[Sequence[int]] = None, eps: float = 1e-7) -> Tensor:
+def normalize_saliency(maps: Tensor, size: Optional[Sequence[int]] = None, eps: float = 1e-7,
+                       scale: Optional[Tensor] = None, rtol: float = 1e-4) -> Tensor:
     """Per-image min-max normalisation to [0, 1] (seed 001 eq. 1.7), optionally resized first.
 
-    ``maps``: ``(B, *spatial)``; returns ``(B, *size)``. A (numerically) constant map -- range below
-    ``1e-5`` of its magnitude, e.g. a 1x1 feature map upsampled -- becomes all zeros instead of
-    amplified rounding noise.
+    ``maps``: ``(B, *spatial)``; returns ``(B, *size)``: ``(m - min) / (max - min + eps)`` per image
+    (batch-independent). A map whose range is at most ``rtol * scale`` is rounding noise (a constant
+    image, a 1x1 map upsampled) and becomes all zeros instead of being stretched to [0, 1].
+    ``scale``: per-image magnitude of the terms the map was summed from (``(B,)`` or ``(B, *spatial)``,
+    max taken), e.g. ``sum_k |w_k| |A_k|`` for a CAM, whose own values can be small by cancellation
+    (convnext on a constant image: CAM -0.0116 +- 4e-7, terms 8.8); default ``max |m|``.
     """
     if size is not None:
         maps = upsample_to(maps.unsqueeze(1), size).squeeze(1)
     flat = maps.flatten(1)
     lo = flat.min(dim=1, keepdim=True).values
     hi = flat.max(dim=1, keepdim=True).values
+    if scale is None:
+        mag = torch.maximum(hi.abs(), lo.abs())
+    else:
+        mag = torch.as_tensor(scale, device=flat.device, dtype=flat.dtype).reshape(flat.shape[0], -1).abs()
+        mag = mag.max(dim=1, keepdim=True).values
     rng = hi - lo
-    flat = torch.where(rng > 1e-5 * torch.maximum(hi.abs(), lo.abs()), (flat - lo) / (rng + eps),
-                       torch.zeros_like(flat))
-    return flat.view_as(maps)
+    return torch.where(rng > rtol * mag, (flat - lo) / (rng + eps), torch.zeros_like(flat)).view_as(maps)
 
 
 def check_input(x: Tensor, in_chans: int, spatial_dims: int, name: str = "model") -> None:

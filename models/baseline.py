@@ -65,7 +65,8 @@ class Baseline(InterpretableClassifier):
         logits = self.fc(self.drop(global_avg_pool(f)))
         c = self.resolve_target(logits, target)
         cam = torch.einsum("bc...,bc->b...", f, self.fc.weight[c])
-        return logits, normalize_saliency(cam, x.shape[2:])
+        scale = torch.einsum("bc...,bc->b...", f.abs(), self.fc.weight[c].abs())  # cancellation-free magnitude
+        return logits, normalize_saliency(cam, x.shape[2:], scale=scale)
 
     def cam_target_layer(self) -> nn.Module:
         return self.backbone.taps[-1]

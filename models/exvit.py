@@ -556,12 +556,15 @@ class ExViT(InterpretableClassifier):
         return factored_gem(self.atte(P), P, 3.0, self.eps)
 
     # -- explanations (§8) ---------------------------------------------------------------------------------
-    def _cams(self, out: Dict[str, Tensor]) -> Tensor:
+    def _cams(self, out: Dict[str, Tensor], magnitude: bool = False) -> Tensor:
         """Pre-ReLU per-attribute contributions E_{c,s}(n) = <w_{c,s}, clamp(M_s(n))> = m_s(n) <w_{c,s},
-        clamp(Q(n))>: (B, C, S, N) (the clamp moved onto Q: equal up to eps·||w||)."""
+        clamp(Q(n))>: (B, C, S, N) (the clamp moved onto Q: equal up to eps·||w||). ``magnitude``: the same
+        sums of absolute terms (the noise floor of ``normalize_saliency``)."""
         wgt, Q = out["w"], out["Q"]
         S = wgt.shape[-1]
         W = self.head.weight.view(self.num_classes, S, self.embed_dim)
+        if magnitude:
+            return torch.einsum("csd,bnd->bcsn", W.abs(), Q.clamp_min(self.eps)) * wgt.transpose(1, 2).abs().unsqueeze(1)
         return torch.einsum("csd,bnd->bcsn", W, Q.clamp_min(self.eps)) * wgt.transpose(1, 2).unsqueeze(1)
 
     def _to_image(self, maps: Tensor, grid: Tuple[int, int], size: Sequence[int]) -> Tensor:
@@ -576,8 +579,9 @@ class ExViT(InterpretableClassifier):
         logits = self.classify(out)
         c = self.resolve_target(logits, target)
         cam = self._cams(out)[torch.arange(x.shape[0], device=x.device), c].sum(1).relu()  # (B, N)
+        scale = self._cams(out, magnitude=True)[torch.arange(x.shape[0], device=x.device), c].sum(1)
         cam = self._to_image(cam.unsqueeze(1), out["grid"], x.shape[2:]).squeeze(1)
-        return logits, normalize_saliency(cam)
+        return logits, normalize_saliency(cam, scale=scale)
 
     @torch.no_grad()
     def explain_all(self, x: Tensor, upsample: bool = True) -> Dict[str, Tensor]:
