@@ -297,11 +297,6 @@ class PICNN(InterpretableClassifier):
         w = self.fc.weight[classes] * filter_mask.to(h.dtype)
         return torch.einsum("bn...,bn->b...", h.abs(), w.abs())
 
-    def _cam_scale(self, h: Tensor, classes: Tensor, filter_mask: Tensor) -> Tensor:
-        """``sum_i |mask_i W[c, i]| |H_i|``: the magnitude :meth:`_cam` sums (noise floor of ``normalize_saliency``)."""
-        w = self.fc.weight[classes] * filter_mask.to(h.dtype)
-        return torch.einsum("bn...,bn->b...", h.abs(), w.abs())
-
     def forward_explain(self, x: Tensor, target: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """``(logits, cluster CAM)``: the CAM of class ``target`` (default: predicted) restricted to the
         filters of that class's cluster (paper Fig. 7 b), normalised to [0, 1] at input resolution."""
