@@ -107,11 +107,12 @@ def neg_log_distance(d: Tensor, eta: float = 1e-4) -> Tensor:
 
 
 def minmax_relu(x: Tensor, dims: Sequence[int], eps: float = 1e-6) -> Tensor:
-    """``nr(X) = N(ReLU(X))``: per-sample min-max over ``dims`` after a ReLU (spec §4); 0 for constant maps."""
+    """``nr(X) = N(ReLU(X))``: per-sample min-max over ``dims`` after a ReLU (spec §4); 0 for constant maps
+    and for maps whose range is at most 1e-4 of their max (rounding noise, not stretched: batch-independent)."""
     x = x.clamp(min=0)
     lo = x.amin(dim=tuple(dims), keepdim=True)
     hi = x.amax(dim=tuple(dims), keepdim=True)
-    return (x - lo) / (hi - lo + eps)
+    return torch.where(hi - lo > 1e-4 * hi, (x - lo) / (hi - lo + eps), torch.zeros_like(x))
 
 
 def prototype_distances(z: Tensor, protos: Tensor) -> Tensor:
