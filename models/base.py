@@ -33,9 +33,12 @@ __all__ = ["InterpretableClassifier", "normalize_saliency", "upsample_to", "chec
 
 def upsample_to(maps: Tensor, size: Sequence[int]) -> Tensor:
     """Resize ``(B, C, *spatial)`` maps to ``size`` with (tri/bi)linear interpolation."""
-    size = tuple(int(s) for s in size)
-    if tuple(maps.shape[2:]) == size:
-        return maps
+    if is_capturing():  # keep traced sizes symbolic (dynamic height/width in exported graphs)
+        size = tuple(size)
+    else:
+        size = tuple(int(s) for s in size)
+        if tuple(maps.shape[2:]) == size:
+            return maps
     mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
     return F.interpolate(maps, size=size, mode=mode, align_corners=False)
 
@@ -86,13 +89,6 @@ def check_input(x: Tensor, in_chans: int, spatial_dims: int, name: str = "model"
         )
 
 
-class InterpretableClassifier(nn.Module):
-    """Base class of every model in the zoo (see module docstring for the contract)."""
-
-    #: what the intrinsic explanation is; subclasses override.
-    explanation_kind: str = "cam"
-    #: parameter-name prefixes the mechanism adds on top of a plain backbone.
-    mechanism_prefixes: Tuple[str, ...] = ()
 def is_capturing() -> bool:
     """True while a graph is being captured (``torch.jit`` tracing / ONNX export / ``torch.export`` /
     ``torch.compile``): code then skips data-dependent checks that cannot live in a graph."""
@@ -103,6 +99,13 @@ def is_capturing() -> bool:
                                       or getattr(comp, "is_compiling", lambda: False)()))
 
 
+class InterpretableClassifier(nn.Module):
+    """Base class of every model in the zoo (see module docstring for the contract)."""
+
+    #: what the intrinsic explanation is; subclasses override.
+    explanation_kind: str = "cam"
+    #: parameter-name prefixes the mechanism adds on top of a plain backbone.
+    mechanism_prefixes: Tuple[str, ...] = ()
 
     def __init__(self, num_classes: int, in_chans: int = 3, spatial_dims: int = 2) -> None:
         super().__init__()
@@ -141,6 +144,8 @@ def is_capturing() -> bool:
         if target is None:
             return pred
         target = torch.as_tensor(target, device=logits.device).long().reshape(-1)
+        if is_capturing():  # inside a traced/exported graph: no data-dependent checks, (1,) broadcasts
+            return torch.where(target < 0, pred, target)
         if target.numel() == 1 and logits.shape[0] > 1:
             target = target.expand(logits.shape[0])
         if target.shape[0] != logits.shape[0]:
@@ -149,8 +154,6 @@ def is_capturing() -> bool:
             raise ValueError(f"target classes must be in [0, {self.num_classes}) (or -1 = the predicted class), "
                              f"got {target.tolist()}.")
         return torch.where(target < 0, pred, target)
-        if is_capturing():  # inside a traced/exported graph: no data-dependent checks, (1,) broadcasts
-            return torch.where(target < 0, pred, target)
 
     def mechanism_parameters(self):
         """(name, parameter) pairs added by the mechanism (see ``mechanism_prefixes``)."""
