@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbones import Backbone
-from .base import InterpretableClassifier, normalize_saliency
+from .base import InterpretableClassifier, is_capturing, normalize_saliency
 from .baseline import global_avg_pool
 from .registry import register_model
 
@@ -277,8 +277,9 @@ class CAStreamClassifier(InterpretableClassifier):
             raise ValueError(f"the class-specific CA-Stream needs integer class labels of shape ({batch},), got "
                              f"{tuple(labels.shape)} {labels.dtype}. Multi-label targets are not supported: use the "
                              "class-agnostic stream (class_specific=False).")
-        if (labels < 0).any() or (labels >= self.num_classes).any():
-            raise ValueError(f"labels must be in [0, {self.num_classes}), got {labels.tolist()}.")
+        if (labels < -1).any() or (labels >= self.num_classes).any():
+            raise ValueError(f"labels must be in [0, {self.num_classes}) (-1 = the baseline prediction), got "
+                             f"{labels.tolist()}.")
         return labels
 
     def forward_stream(self, x: Tensor, labels: Optional[Tensor] = None) -> Dict[str, object]:
@@ -290,8 +291,13 @@ class CAStreamClassifier(InterpretableClassifier):
         classes = None
         if self.class_specific:
             # training: the label's row; inference: the row of the original (GAP) model's prediction
-            classes = self._check_labels(labels, x.shape[0]).to(x.device) if labels is not None \
-                else gap_logits.argmax(dim=1)
+            pred = gap_logits.argmax(dim=1)
+            if labels is None:
+                classes = pred
+            else:  # -1 = the baseline prediction (forward_explain's default, exported graphs)
+                labels = torch.as_tensor(labels, device=x.device).long().reshape(-1) if is_capturing() \
+                    else self._check_labels(labels, x.shape[0]).to(x.device)
+                classes = torch.where(labels < 0, pred, labels)
             out["query_class"] = classes
         q, attns = self.stream(feats[self.start_stage:], classes)
         out["logits"] = self.fc(self.drop(q.to(self.fc.weight.dtype)))
@@ -317,7 +323,7 @@ class CAStreamClassifier(InterpretableClassifier):
         labels = None
         if self.class_specific and target is not None:
             labels = torch.as_tensor(target, device=x.device).long().reshape(-1)
-            if labels.numel() == 1 and x.shape[0] > 1:
+            if labels.numel() == 1 and x.shape[0] > 1 and not is_capturing():
                 labels = labels.expand(x.shape[0])
         out = self.forward_stream(x, labels)
         a = out["attentions"][-1]
