@@ -391,6 +391,9 @@ def write_outputs(rows, claims, ctrl, runs, args, skipped, wall) -> None:
     extra = getattr(args, "extra_md", "")
     if extra:
         md += [extra, ""]
+    notes = os.path.splitext(args.md)[0] + "_notes.md"  # hand-written run log (commands, wall times), if any
+    if os.path.exists(notes) and not args.quick:
+        md += [open(notes).read().strip(), ""]
     H.atomic_write_text(args.md, "\n".join(md) + "\n")
 
 
