@@ -1,6 +1,6 @@
 """X-Pruner on the embedded benchmark (seed 000 Tables 5.1 / 5.4 analog): accuracy vs FLOPs remained.
 
-    python experiments/xpruner.py                      # ~20 min on 2 CPU cores; resumable (run cache)
+    python experiments/xpruner.py                      # ~8 min on 2 CPU cores; resumable (run cache)
     python experiments/xpruner.py --time-budget 270    # stop after ~270 s (exit code 3), rerun to continue
     python experiments/xpruner.py --quick              # smoke run (seconds), numbers meaningless
 
@@ -46,13 +46,15 @@ def parse():
     p.add_argument("--time-budget", type=float, default=0.0, help="stop (exit 3) once this many seconds passed")
     p.add_argument("--num-classes", type=int, default=6)
     p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--train-size", type=int, default=3000)
+    p.add_argument("--train-size", type=int, default=4000)
+    p.add_argument("--num-distractors", type=int, default=1)
+    p.add_argument("--object-scale", type=float, nargs=2, default=(0.2, 0.32))
     p.add_argument("--test-size", type=int, default=400)
-    p.add_argument("--xai-images", type=int, default=160)
+    p.add_argument("--xai-images", type=int, default=120)
     p.add_argument("--embed-dim", type=int, default=96)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--heads", type=int, default=3)
-    p.add_argument("--base-epochs", type=int, default=14)
+    p.add_argument("--base-epochs", type=int, default=12)
     p.add_argument("--mask-epochs", type=int, default=2)
     p.add_argument("--prune-epochs", type=int, default=2)
     p.add_argument("--ft-epochs", type=int, default=1)
@@ -64,24 +66,31 @@ def parse():
 
 # ------------------------------------------------------------------------------------------------ data / training
 class DictData(torch.utils.data.Dataset):
-    def __init__(self, x, y):
-        self.x, self.y = x, y
+    """Pre-rendered tensors as zoo batches; ``flip``: random horizontal flips (training)."""
+
+    def __init__(self, x, y, flip=False):
+        self.x, self.y, self.flip = x, y, flip
 
     def __len__(self):
         return len(self.y)
 
     def __getitem__(self, i):
-        return {"image": self.x[i], "label": self.y[i]}
+        img = self.x[i]
+        if self.flip and torch.rand(()) < 0.5:
+            img = img.flip(-1)
+        return {"image": img, "label": self.y[i]}
 
 
 def render(args, split, size):
     from trainers.data.synthetic import SyntheticShapes
 
-    path = os.path.join(args.cache_dir, "xpruner_data", f"{split}_{size}_{args.image_size}_{args.num_classes}.pt")
+    path = os.path.join(args.cache_dir, "xpruner_data", f"{split}_{size}_{args.image_size}_{args.num_classes}_"
+                        f"{args.num_distractors}_{args.object_scale[0]}_{args.object_scale[1]}.pt")
     if os.path.exists(path):
         d = torch.load(path, weights_only=True)
         return d["x"], d["y"]
-    ds = SyntheticShapes(split=split, size=size, num_classes=args.num_classes, image_size=args.image_size)
+    ds = SyntheticShapes(split=split, size=size, num_classes=args.num_classes, image_size=args.image_size,
+                         num_distractors=args.num_distractors, object_scale=args.object_scale)
     items = [ds[i] for i in range(size)]
     x = torch.stack([it["image"] for it in items]).float()
     y = torch.stack([torch.as_tensor(it["label"]) for it in items]).long()
@@ -93,7 +102,7 @@ def render(args, split, size):
 
 def loader(x, y, bs, shuffle, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(DictData(x, y), batch_size=bs, shuffle=shuffle, generator=g)
+    return torch.utils.data.DataLoader(DictData(x, y, flip=shuffle), batch_size=bs, shuffle=shuffle, generator=g)
 
 
 def fit(module, dl, epochs):
@@ -108,7 +117,8 @@ def fit(module, dl, epochs):
 
 def model_kwargs(args):
     return dict(backbone="deit_tiny_patch16_224", backbone_kwargs=dict(
-        img_size=args.image_size, patch_size=4, embed_dim=args.embed_dim, depth=args.depth, num_heads=args.heads))
+        img_size=args.image_size, patch_size=4, embed_dim=args.embed_dim, depth=args.depth, num_heads=args.heads,
+        global_pool="avg"))
 
 
 @torch.no_grad()
@@ -185,7 +195,7 @@ def _scores(m):
         return [unit_scores(M) for M in m.masks]
 
 
-def finetune_eval(args, data, pruned, seed, save_path=None):
+def finetune_eval(args, data, pruned, seed, save_path=None, epochs=1):
     from trainers.classification import ClassificationModule
     from models.xpruner import analytic_macs, measure_flops
 
@@ -196,7 +206,7 @@ def finetune_eval(args, data, pruned, seed, save_path=None):
                                optimizer={"name": "adamw", "lr": 5e-4, "weight_decay": 0.05},
                                scheduler={"name": "cosine"})
     mod.model.load_state_dict(pruned.state_dict())
-    fit(mod, loader(*data["train"], args.batch_size, True, seed), args.ft_epochs)
+    fit(mod, loader(*data["train"], args.batch_size, True, seed), epochs)
     res.update(evaluate(mod.model, data, args))
     size = (3, args.image_size, args.image_size)
     res["macs"] = analytic_macs(mod.model)["total"]
@@ -227,8 +237,8 @@ def run_method(args, data, base_path, masks_path, seed, budget, method, cache_di
         class Track(__import__("pytorch_lightning").Callback):
             def on_train_batch_end(self, trainer, pl_module, *a):
                 r = pl_module.rates()
-                hist.append([float(r["R"]), float(r["R_hard"]), float(pl_module.lagrange_beta),
-                             float(pl_module.lagrange_gamma)])
+                hist.append([float(r["R"]), float(r["R_hard"]), float(pl_module.model.xp.lagrange_beta),
+                             float(pl_module.model.xp.lagrange_gamma)])
 
         import pytorch_lightning as pl
 
@@ -250,7 +260,9 @@ def run_method(args, data, base_path, masks_path, seed, budget, method, cache_di
         extra = {"alpha": alpha, "rates_learned": [1.0 - float(k.float().mean()) for k in keep]}
     pruned = prune_model(m, keep, fold=method != "magnitude")  # magnitude: masks play no part, nothing folded
     res = finetune_eval(args, data, pruned.eval(), seed,
-                        os.path.join(cache_dir, f"pruned_{method}_s{seed}_{int(budget * 100)}.safetensors"))
+                        os.path.join(cache_dir, f"pruned_{method}_s{seed}_{int(budget * 100)}.safetensors"),
+                        # equal weight-training budget: X-Pruner's stage 2 also trains W, so baselines fine-tune longer
+                        epochs=args.ft_epochs + (0 if method == "xpruner" else args.prune_epochs))
     res.update(extra)
     return res
 
@@ -310,8 +322,9 @@ def report(args, base, masks, results, seeds, full_macs):
         f"({args.base_epochs} epochs, {args.train_size} SyntheticShapes images, {args.num_classes} classes; one base "
         f"model shared by all seeds, so the intervals cover pruning / fine-tuning randomness, not base training). "
         f"Unpruned test accuracy {base['acc']:.1f} % (chance {100 / args.num_classes:.1f} %). Per seed: stage 1 "
-        f"{args.mask_epochs} epochs, stage 2 {args.prune_epochs} epochs per budget, every pruned model fine-tuned "
-        f"{args.ft_epochs} epoch(s) with the same recipe. Test split {args.test_size} images (accuracy), first "
+        f"{args.mask_epochs} epochs, stage 2 {args.prune_epochs} epochs per budget (it trains W too), X-Pruner then "
+        f"fine-tuned {args.ft_epochs} epoch(s); baselines fine-tuned {args.ft_epochs + args.prune_epochs} epochs with the "
+        f"same recipe (same number of weight-update steps after the base model). Test split {args.test_size} images (accuracy), first "
         f"{n} for Grad-CAM AD/AG/insertion (target = label). FLOPs % = analytic MACs of the pruned model / unpruned.")
     mk = "\n## Stage 1 label-free accuracy (masks applied, weights frozen)\n\n| seed | mean | two_pass_soft | oracle |\n|---|---|---|---|\n"
     for s in seeds:
@@ -348,6 +361,7 @@ def main():
     wdir = os.path.join(args.cache_dir, "xpruner_weights")
     os.makedirs(wdir, exist_ok=True)
     common = {k: getattr(args, k) for k in ("num_classes", "image_size", "train_size", "test_size", "xai_images",
+                                            "num_distractors", "object_scale",
                                             "embed_dim", "depth", "heads", "base_epochs", "batch_size")}
 
     def check_time():

@@ -182,7 +182,11 @@ class XPruner(InterpretableClassifier):
         xp = nn.Module()
         xp.head_mask = nn.ParameterList([nn.Parameter(torch.ones(C, self.num_heads)) for _ in range(L)])
         xp.mlp_mask = nn.ParameterList([nn.Parameter(torch.ones(C, self.mlp_hidden)) for _ in range(L)])
-        xp.theta = nn.Parameter(torch.zeros(2 * L))
+        # θ (eq. 5.9) and the Lagrange multipliers β, γ (eq. 5.11) are buffers until stage 2 makes them parameters
+        # (trainers.xpruner.XPrunerModule), so plain training / DDP never sees unused parameters.
+        xp.register_buffer("theta", torch.zeros(2 * L))
+        xp.register_buffer("lagrange_beta", torch.zeros(()))
+        xp.register_buffer("lagrange_gamma", torch.zeros(()))
         xp.register_buffer("pruning_active", torch.zeros((), dtype=torch.bool))
         self.xp = xp
         for i, blk in enumerate(v.blocks):

@@ -49,6 +49,14 @@ def init_thresholds(model: XPruner, rate: float) -> None:
         model.xp.theta[g] = min(max(th, 0.0), 1.0)
 
 
+def _to_parameter(module: nn.Module, name: str) -> None:
+    """Turn buffer ``name`` into a trainable parameter (same state-dict key, same value)."""
+    if isinstance(getattr(module, name), nn.Parameter):
+        return
+    value = module._buffers.pop(name).detach().clone()
+    setattr(module, name, nn.Parameter(value))
+
+
 class XPrunerModule(ClassificationModule):
     """X-Pruner stages on top of :class:`~trainers.classification.ClassificationModule` (see module docstring).
 
@@ -62,6 +70,8 @@ class XPrunerModule(ClassificationModule):
         keep_stage1_losses: also add L_sparse/L_smooth in stage 2 (eq. 5.12 drops them).
         pruned_path: where stage 2 writes the physically pruned ``.safetensors`` (rank 0).
     """
+
+    extra_scheduler_keys = ("warmup_steps",)  # stage 'prune' cosine warm-up (configure_optimizers)
 
     def __init__(self, model: str = "xpruner", model_kwargs: Optional[Dict[str, Any]] = None, num_classes: int = 10,
                  multilabel: bool = False, in_chans: Optional[int] = None,
@@ -84,7 +94,7 @@ class XPrunerModule(ClassificationModule):
         if not 0.0 <= alpha < 1.0:
             raise ValueError(f"alpha (share of prunable cost removed) must be in [0, 1), got {alpha}.")
         if stage == "masks":
-            freeze = list(freeze or []) + ["^vit\\.", "^xp\\.theta"]
+            freeze = list(freeze or []) + ["^vit\\."]
             optimizer = optimizer or {"name": "sgd", "lr": 0.01, "momentum": 0.9}
         elif stage == "prune":
             optimizer = optimizer or {"name": "adamw", "lr": 5e-4, "weight_decay": 0.05}
@@ -105,14 +115,11 @@ class XPrunerModule(ClassificationModule):
                                  persistent=False)
             with torch.no_grad():
                 m.xp.pruning_active.fill_(True)
-                m.xp.theta.requires_grad_(True)
                 init_thresholds(m, self.alpha if theta_init_rate is None else float(theta_init_rate))
-            if lagrangian == "off":
-                self.register_buffer("lagrange_beta", torch.zeros(()))
-                self.register_buffer("lagrange_gamma", torch.zeros(()))
-            else:
-                self.lagrange_beta = nn.Parameter(torch.zeros(()))
-                self.lagrange_gamma = nn.Parameter(torch.zeros(()))
+            _to_parameter(m.xp, "theta")
+            if lagrangian != "off":
+                _to_parameter(m.xp, "lagrange_beta")
+                _to_parameter(m.xp, "lagrange_gamma")
         self.keep: Optional[List[Tensor]] = None
 
     # ---- rates -------------------------------------------------------------------------------------------
@@ -148,11 +155,11 @@ class XPrunerModule(ClassificationModule):
         if self.stage == "prune":
             r = self.rates()
             if self.lagrangian_mode != "off":
-                l_r = lagrangian(r["R"], self.alpha, self.lagrange_beta, self.lagrange_gamma)
+                l_r = lagrangian(r["R"], self.alpha, self.model.xp.lagrange_beta, self.model.xp.lagrange_gamma)
                 loss = loss + l_r
                 out["L_R"] = l_r.detach()
-            out.update(R=r["R"].detach(), R_hard=r["R_hard"], beta=self.lagrange_beta.detach(),
-                       gamma=self.lagrange_gamma.detach())
+            out.update(R=r["R"].detach(), R_hard=r["R_hard"], beta=self.model.xp.lagrange_beta.detach(),
+                       gamma=self.model.xp.lagrange_gamma.detach())
         out["loss"] = loss
         return out
 
@@ -175,7 +182,7 @@ class XPrunerModule(ClassificationModule):
             (no_decay if p.ndim <= 1 or n.endswith(("pos_embed", "cls_token", "dist_token")) else decay).append(p)
         groups = [dict(params=theta, lr=self.theta_lr, weight_decay=0.0, name="theta")]
         if self.lagrangian_mode != "off":
-            groups.append(dict(params=[self.lagrange_beta, self.lagrange_gamma], lr=self.lagrange_lr,
+            groups.append(dict(params=[self.model.xp.lagrange_beta, self.model.xp.lagrange_gamma], lr=self.lagrange_lr,
                                weight_decay=0.0, maximize=self.lagrangian_mode == "ascent", name="lagrange"))
         groups += [dict(params=masks, lr=self.mask_lr or lr, weight_decay=0.0, name="masks"),
                    dict(params=decay, lr=lr, weight_decay=wd, name="weights"),
@@ -212,8 +219,8 @@ class XPrunerModule(ClassificationModule):
             for M in m.masks:
                 M.clamp_(min=0.0)
             m.xp.theta.clamp_(0.0, 1.0)
-        if self.stage == "prune" and isinstance(self.lagrange_beta, nn.Parameter):
-            self.lagrange_beta.clamp_(min=0.0)
+        if self.stage == "prune" and isinstance(self.model.xp.lagrange_beta, nn.Parameter):
+            self.model.xp.lagrange_beta.clamp_(min=0.0)
 
     # ---- logging and the end of stage 2 ------------------------------------------------------------------
     def on_train_epoch_end(self) -> None:
@@ -235,7 +242,7 @@ class XPrunerModule(ClassificationModule):
             info = {"alpha": self.alpha, "rate_weighting": self.rate_weighting, "arch": pruned.arch(),
                     "rates_hard_theta": [float(v) for v in r["r_hard"]],
                     "rates_final": [1.0 - float(k.float().mean()) for k in self.keep],
-                    "beta": float(self.lagrange_beta), "gamma": float(self.lagrange_gamma)}
+                    "beta": float(self.model.xp.lagrange_beta), "gamma": float(self.model.xp.lagrange_gamma)}
             tmp = self.pruned_path + ".json.tmp"
             with open(tmp, "w") as f:
                 json.dump(info, f, indent=2)
