@@ -73,19 +73,17 @@ def deit_tiny(args):
 
 
 def experiment_model(args):
-    cache = os.path.join(ROOT, "checkpoints", "experiment_cache")
-    path = os.path.join(cache, "xpruner_weights", "pruned_xpruner_s0_50.safetensors")
-    bases = [f for f in os.listdir(os.path.join(cache, "xpruner_weights"))] if os.path.isdir(
-        os.path.join(cache, "xpruner_weights")) else []
-    bases = [f for f in bases if f.startswith("base_")]
-    if not os.path.exists(path) or not bases:
+    latest = os.path.join(ROOT, "checkpoints", "experiment_cache", "xpruner_weights", "latest.json")
+    if not os.path.exists(latest):
         print("[benchmark] experiment weights not found: run python experiments/xpruner.py first; skipping part 2")
         return [], None
+    with open(latest) as f:
+        paths = json.load(f)
+    path = paths["pruned_xpruner_50"]
     pruned = load_pruned(path).eval()
     meta = models.xpruner.read_widths(path)
     base = models.create_model("xpruner", num_classes=meta["num_classes"], backbone=meta["backbone"],
-                               backbone_kwargs=meta["backbone_kwargs"],
-                               checkpoint_path=os.path.join(cache, "xpruner_weights", sorted(bases)[0])).eval()
+                               backbone_kwargs=meta["backbone_kwargs"], checkpoint_path=paths["base"]).eval()
     size = meta["backbone_kwargs"]["img_size"]
     x = torch.rand(args.batch_small, 3, size, size)
     lat = latency({"unpruned": base, "pruned": pruned}, x, args.repeats, 3)

@@ -6,7 +6,7 @@
 
 Protocol (all at one FLOPs budget per row; FLOPs = analytic MACs, cross-checked with FlopCounterMode):
 1. A DeiT-tiny-shaped ViT (timm ``deit_tiny_patch16_224`` narrowed: embed 96, 3 heads of 32, depth 4, MLP 384,
-   32 px, patch 4) trained from scratch on SyntheticShapes (one base model, seed 0; no pretrained weights offline).
+   32 px, patch 8, average pooling) trained from scratch on SyntheticShapes (one base model, seed 0; no pretrained weights offline).
 2. Per seed: stage 1 masks (weights frozen); per budget: stage 2 (θ, β/γ ascent, W, M) -> calibrate -> prune.
 3. Baselines pruned from the same base model to the same budget: uniform (same rate per block, units by stage-1
    mask score), magnitude (same rate per block, units by weight norm), random (random units).
@@ -54,7 +54,8 @@ def parse():
     p.add_argument("--embed-dim", type=int, default=96)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--heads", type=int, default=3)
-    p.add_argument("--base-epochs", type=int, default=12)
+    p.add_argument("--patch-size", type=int, default=8)
+    p.add_argument("--base-epochs", type=int, default=40)
     p.add_argument("--mask-epochs", type=int, default=2)
     p.add_argument("--prune-epochs", type=int, default=2)
     p.add_argument("--ft-epochs", type=int, default=1)
@@ -117,7 +118,7 @@ def fit(module, dl, epochs):
 
 def model_kwargs(args):
     return dict(backbone="deit_tiny_patch16_224", backbone_kwargs=dict(
-        img_size=args.image_size, patch_size=4, embed_dim=args.embed_dim, depth=args.depth, num_heads=args.heads,
+        img_size=args.image_size, patch_size=args.patch_size, embed_dim=args.embed_dim, depth=args.depth, num_heads=args.heads,
         global_pool="avg"))
 
 
@@ -160,7 +161,7 @@ def run_base(args, data, path):
     H.seed_everything(0)
     mod = ClassificationModule(model="xpruner", model_kwargs=model_kwargs(args), num_classes=args.num_classes,
                                freeze=["^xp\\."], optimizer={"name": "adamw", "lr": 2e-3, "weight_decay": 0.05},
-                               scheduler={"name": "cosine", "warmup": 1 if args.base_epochs > 2 else 0})
+                               scheduler={"name": "cosine", "warmup": 2 if args.base_epochs > 4 else 0})
     t0 = time.time()
     fit(mod, loader(*data["train"], args.batch_size, True, 0), args.base_epochs)
     models.save_weights(mod.model, path)
@@ -318,7 +319,7 @@ def report(args, base, masks, results, seeds, full_macs):
                                       [np.array(r[key]) for r in xp], [np.array(base[key][:n]) for _ in xp], d))
     intro = (
         f"`python experiments/xpruner.py` (seeds {seeds}). Base: timm `deit_tiny_patch16_224` narrowed to embed "
-        f"{args.embed_dim}, {args.heads} heads, depth {args.depth}, {args.image_size} px, patch 4, trained from scratch "
+        f"{args.embed_dim}, {args.heads} heads, depth {args.depth}, {args.image_size} px, patch {args.patch_size}, average pooling, trained from scratch "
         f"({args.base_epochs} epochs, {args.train_size} SyntheticShapes images, {args.num_classes} classes; one base "
         f"model shared by all seeds, so the intervals cover pruning / fine-tuning randomness, not base training). "
         f"Unpruned test accuracy {base['acc']:.1f} % (chance {100 / args.num_classes:.1f} %). Per seed: stage 1 "
@@ -361,7 +362,7 @@ def main():
     wdir = os.path.join(args.cache_dir, "xpruner_weights")
     os.makedirs(wdir, exist_ok=True)
     common = {k: getattr(args, k) for k in ("num_classes", "image_size", "train_size", "test_size", "xai_images",
-                                            "num_distractors", "object_scale",
+                                            "num_distractors", "object_scale", "patch_size",
                                             "embed_dim", "depth", "heads", "base_epochs", "batch_size")}
 
     def check_time():
@@ -406,6 +407,8 @@ def main():
         print(f"[time budget] stopping after {time.time() - t0:.0f} s; rerun to continue (finished runs are cached)")
         sys.exit(3)
     report(args, base, masks, results, args.seeds, full_macs)
+    H.atomic_write_json(os.path.join(wdir, "latest.json"), {  # read by benchmarks/xpruner.py
+        "base": base_path, "pruned_xpruner_50": os.path.join(wdir, f"pruned_xpruner_s{args.seeds[0]}_50.safetensors")})
     print(f"wrote {args.out}.md ({time.time() - t0:.0f} s)")
 
 
