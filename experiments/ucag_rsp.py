@@ -246,6 +246,8 @@ def stage_sanity(args, cache):
             print(f"  sanity {e}: {[round(v, 2) for v in r['mean_spearman']]} ({time.time() - t0:.0f}s)", flush=True)
         return res
     res = cache.get_or_run(conf, run)
+    for r in res.values():  # the flag rule of models.metrics.sanity (mean over the cascade >= 0.5)
+        r["flagged"] = bool(r["mean_over_steps"] >= 0.5)
     png = os.path.join(os.path.dirname(args.out), "ucag_rsp_sanity.png")
     plot_sanity({_label(k): v for k, v in res.items()}, png,
                 title="Cascading randomisation (ResNet-10t, seed 0, 8x8 layer): similarity to the trained map")
@@ -341,8 +343,6 @@ def report(args, cache):
         r = [ev[sd]["runs"][f"ucag:{base}"]["values"]["time"] / ev[sd]["runs"][base]["values"]["time"] for sd in seeds]
         cost.append(f"| {LABEL[base]} | " + " | ".join(f"{v:.1f}x" for v in r) + f" | {sum(r) / len(r):.1f}x |")
     sanity, png = stage_sanity(args, cache)
-    for r in sanity.values():  # the flag rule of models.metrics.sanity (mean over the cascade >= 0.5)
-        r["flagged"] = bool(r["mean_over_steps"] >= 0.5)
     pr = ev[seeds[0]]["protocol"]
     accs = ", ".join(f"{tr[sd]['acc']:.1f} %" for sd in seeds)
     intro = f"""Command: `python experiments/ucag_rsp.py` (stages train / eval / sanity / report, cached in
