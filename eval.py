@@ -55,6 +55,17 @@ def parse_target_layers(text: Optional[str]):
     return items[0] if len(items) == 1 else items
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (0 or negatives used to mean 'everything' or print an empty table)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {v}; omit the flag for the default")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
@@ -64,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-kwargs", default="{}", help="JSON kwargs for --model, e.g. '{\"backbone\": \"resnet18\"}'")
     p.add_argument("--data-config", help="YAML with a data: section (class_path/init_args) to evaluate on")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--limit-batches", type=int, default=None, help="evaluate only the first N batches")
+    p.add_argument("--batch-size", type=_positive_int, default=None)
+    p.add_argument("--limit-batches", type=_positive_int, default=None, help="evaluate only the first N batches")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None,
                    help="output folder (default: <run>/eval/<checkpoint name>/ for <run>/checkpoints/<name>.ckpt, "
@@ -90,13 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "no accuracy or metrics are computed")
     g.add_argument("--metrics", default="ad,ag,ai,ins,del,pg,miou",
                    help="comma list of ad,ag,ai,ins,del,pg,epg,miou (or all); runtime is always reported")
-    g.add_argument("--max-images", type=int, default=None,
+    g.add_argument("--max-images", type=_positive_int, default=None,
                    help="images explained (first N of the split; default 200 with --explainers, 100 in the default run)")
     g.add_argument("--target", default="label", choices=["label", "pred"], help="class explained: ground truth or predicted")
     g.add_argument("--correct-only", action="store_true", help="count only correctly classified images")
-    g.add_argument("--steps", type=int, default=None,
+    g.add_argument("--steps", type=_positive_int, default=None,
                    help="insertion/deletion steps (default ceil(sqrt(#pixels)) with --explainers, 16 in the default run)")
-    g.add_argument("--max-batch", type=int, default=64, help="images per forward call in insertion/deletion")
+    g.add_argument("--max-batch", type=_positive_int, default=64, help="images per forward call in insertion/deletion")
     g.add_argument("--tolerance-px", type=int, default=0, help="pointing-game tolerance (15 in the original protocol)")
     g.add_argument("--iou-threshold", default="mean_std", help="mean_std (seed 002 eq. 5.1), mean, or a number")
     g.add_argument("--grid-images", type=int, default=4, help="images in the overlay PNG")
@@ -215,7 +226,9 @@ def evaluate_accuracy(model: torch.nn.Module, loader, num_classes: int, multilab
                    "per_class_acc": C.MulticlassAccuracy(num_classes=num_classes, average="none")}
         if num_classes > 5:
             metrics["top5"] = C.MulticlassAccuracy(num_classes=num_classes, top_k=5, average="micro")
-    coll = torchmetrics.MetricCollection(metrics).to(device)
+    # compute_groups=False: torchmetrics merges metrics whose states are equal after the first batch, which made
+    # top-5 report top-1 whenever the first batch was all correct at top-1
+    coll = torchmetrics.MetricCollection(metrics, compute_groups=False).to(device)
     n, t0 = 0, time.perf_counter()
     total = min(len(loader), limit_batches) if limit_batches else len(loader)
     for i, batch in enumerate(tqdm(loader, total=total, desc="accuracy", leave=False)):
@@ -223,6 +236,10 @@ def evaluate_accuracy(model: torch.nn.Module, loader, num_classes: int, multilab
             break
         x, y = batch["image"].to(device), batch["label"].to(device)
         logits = model(x)
+        if not torch.isfinite(logits).all():  # a diverged run: accuracy of NaN logits is meaningless
+            bad = sum(int((~torch.isfinite(p)).sum()) for p in model.parameters())
+            raise ValueError(f"the model produced NaN/inf logits on batch {i} ({bad} non-finite weights): the "
+                             "checkpoint is from a diverged run. Retrain with a lower learning rate.")
         coll.update(logits, y.long())
         n += y.shape[0]
     out = {k: (v.tolist() if v.numel() > 1 else float(v)) for k, v in coll.compute().items()}
@@ -416,6 +433,60 @@ def format_table(results: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def check_explainers(model, loader, args) -> Dict[str, str]:
+    """Validate ``--metrics`` and ``--explainers`` before the accuracy pass (unknown names: an error). An explainer
+    that does not apply to this model (it fails on one image, e.g. ``ham`` on a ViT) is dropped from the run
+    and returned as ``{name: reason}`` (reported in the table and JSON by :func:`record_skipped`)."""
+    from models.explainers import create_explainer
+    from models.metrics import parse_metrics
+
+    try:
+        parse_metrics(args.metrics)
+    except ValueError as e:
+        raise SystemExit(f"error: --metrics: {e}") from None
+    names = [e for e in (args.explainers or "").replace(" ", "").split(",") if e]
+    if not names:
+        return {}
+    batch = next(iter(loader))
+    x = (batch["image"] if isinstance(batch, dict) else batch[0])[:1].to(args.device)
+    model.eval().to(args.device)
+    layers = parse_target_layers(getattr(args, "target_layers", None))
+    skipped: Dict[str, str] = {}
+    for name in names:
+        try:
+            create_explainer(name, model, target_layers=layers)(x)
+        except Exception as e:  # noqa: BLE001 - any failure of one explainer must not end the evaluation
+            if isinstance(e, ValueError) and str(e).startswith("Unknown explainer"):
+                raise SystemExit(f"error: --explainers: {e}") from None
+            skipped[name] = f"does not apply to {type(model).__name__}: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            print(f"note: explainer {name} skipped ({skipped[name]})")
+    args.explainers = ",".join(n for n in names if n not in skipped)
+    return skipped
+
+
+def record_skipped(results: Dict[str, Any], skipped: Dict[str, str], out_dir: str, split: str) -> None:
+    """Add the skipped explainers (with reasons) to the results JSON and the interpretability table."""
+    from models.weights import atomic_write
+
+    interp = results.setdefault("interpretability", {})
+    interp["skipped"] = dict(skipped)
+    lines = ["", "Skipped explainers (not applicable to this model):", "", "| explainer | reason |", "|---|---|"]
+    lines += [f"| {n} | {r.replace('|', '/')} |" for n, r in skipped.items()]
+    md, js = (os.path.join(out_dir, f"interpretability_{split}.{ext}") for ext in ("md", "json"))
+    text = open(md).read() if os.path.isfile(md) else f"# Interpretability, {split} split\n"
+    with atomic_write(md, "w") as f:
+        f.write(text.rstrip("\n") + "\n" + "\n".join(lines) + "\n")
+    data = {}
+    if os.path.isfile(js):
+        with open(js) as f:
+            data = json.load(f)
+    data["skipped"] = dict(skipped)
+    with atomic_write(js, "w") as f:
+        json.dump(data, f, indent=2)
+    interp.setdefault("files", [md, js])
+    print("\n".join(lines))
+
+
 def _resolve_defaults(args):
     """The default run (no ``--explainers``): :data:`DEFAULT_EXPLAINERS` on :data:`DEFAULT_MAX_IMAGES` images;
     ``--explainers none``: accuracy only; ``--explain``: intrinsic + Grad-CAM unless ``--explainers`` is given."""
@@ -454,11 +525,17 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if args.explain:
         return explain_files(model, dm, args, out_dir)
     loader = _loader(dm, args.split)
+    skipped = check_explainers(model, loader, args)  # names first: errors now, not after the accuracy pass
     results: Dict[str, Any] = {"source": os.path.abspath(src), "split": args.split, "model": type(model).__name__}
-    results["accuracy"] = evaluate_accuracy(model, loader, dm.num_classes, dm.multilabel, args.device,
-                                            args.limit_batches, getattr(dm, "class_names", None))
+    try:
+        results["accuracy"] = evaluate_accuracy(model, loader, dm.num_classes, dm.multilabel, args.device,
+                                                args.limit_batches, getattr(dm, "class_names", None))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     if args.explainers:
         results["interpretability"] = evaluate_interpretability(model, loader, args, out_dir, results["model"])
+    if skipped:
+        record_skipped(results, skipped, out_dir, args.split)
     if args.sanity or args.dropout_ranking:  # issue 18: models/metrics/sanity.py
         from models.metrics.sanity import eval_checks
 

@@ -53,23 +53,24 @@ def _config(path):
 
 
 def _datamodule(cfg, train_size):
-    from trainers.classification import _import
+    from trainers.classification import resolve_class
+    from trainers.data import ZooDataModule
 
     d = cfg["data"]
     kw = dict(d.get("init_args") or {})
     kw["train_size"] = train_size
-    dm = _import(d["class_path"])(**kw)
+    dm = resolve_class(d["class_path"], ZooDataModule, "data.class_path")(**kw)
     dm.setup("fit")
     return dm
 
 
 def _module(cfg, dm):
-    from trainers.classification import _import
+    from trainers.classification import ClassificationModule, resolve_class
 
     m = cfg["model"]
     kw = dict(m.get("init_args") or {})
     kw.update(num_classes=dm.num_classes, multilabel=dm.multilabel, in_chans=dm.in_chans)
-    return _import(m["class_path"])(**kw)
+    return resolve_class(m["class_path"], ClassificationModule, "model.class_path")(**kw)
 
 
 def _autocast(precision: str):

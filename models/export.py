@@ -171,14 +171,28 @@ def verify_onnx(path: str, model: nn.Module, example: Tensor, target: Optional[T
 def save_model_card(model: nn.Module, out_dir: str, name: str, kwargs: Dict[str, Any],
                     extra: Optional[Dict[str, Any]] = None) -> str:
     """Write ``model.safetensors`` + ``model.json`` (registry name and kwargs) into ``out_dir``."""
+    from .weights import atomic_write
+
     os.makedirs(out_dir, exist_ok=True)
     save_weights(model, os.path.join(out_dir, "model.safetensors"))
     card = {"model": name, "kwargs": kwargs, "explanation_kind": getattr(model, "explanation_kind", None),
-            **(extra or {})}
+            "weights_sha256": state_fingerprint(model), "zoo_version": zoo_version(), **(extra or {})}
     path = os.path.join(out_dir, "model.json")
-    with open(path, "w") as f:
+    with atomic_write(path, "w") as f:
         json.dump(card, f, indent=2)
     return path
+
+
+def state_fingerprint(model: nn.Module) -> str:
+    """sha256 over the state dict (names, shapes, dtypes, values): identifies "the same model"."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        v = v.detach().cpu().contiguous()
+        h.update(f"{k}|{tuple(v.shape)}|{v.dtype}|".encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()
 
 
 def load_model_card(path: str) -> nn.Module:

@@ -229,3 +229,15 @@ def test_eval_explain_own_images(tiny_weights, tmp_path):
     assert json.loads((out / "explain" / "predictions.json").read_text())["images"][0]["top"][0]["p"] > 0
     with pytest.raises(SystemExit, match="PNG/JPEG"):
         eval_script.main(tiny_weights + ["--out", str(out), "--explain", str(folder / "notes.txt")])
+
+
+def test_export_warns_on_blank_saliency(tmp_path):
+    """export's "saliency diff 0.0" between two blank maps is flagged (ResNet-18 at 32 px: a 1x1 last stage)."""
+    pytest.importorskip("onnxruntime")
+    import models
+    from models.export import export_onnx, verify_onnx
+
+    m = models.create_model("baseline", backbone="resnet18", num_classes=3).eval()
+    x = torch.rand(2, 3, 32, 32)
+    rep = verify_onnx(export_onnx(m, str(tmp_path / "m.onnx"), x), m, x)
+    assert "2/2 saliency maps are constant" in rep["saliency_warning"]
