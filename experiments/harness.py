@@ -250,9 +250,15 @@ def claim_row(claim: str, metric: str, a_per_seed: Sequence, b_per_seed: Sequenc
     r = paired_diff_across_seeds(a, b, ci=ci, n_boot=n_boot)
     row = dict(claim=claim, metric=metric, direction=int(direction), mean=r["mean"], ci95_low=r["ci95_low"],
                ci95_high=r["ci95_high"], n_seeds=int(r["n_seeds"]), method=r["method"],
-               verdict=verdict(r["ci95_low"], r["ci95_high"], direction))
+               verdict=claim_verdict(r["ci95_low"], r["ci95_high"], direction, r["n_seeds"]))
     row.update(extra)
     return row
+
+
+def claim_verdict(ci_low, ci_high, direction: int, n_seeds: int) -> str:
+    """:func:`models.metrics.stats.verdict`, but ``inconclusive`` with fewer than 2 seeds: one seed carries no
+    training variance, so its (image-only) interval cannot decide a claim about a training method."""
+    return verdict(ci_low, ci_high, direction) if int(n_seeds) >= 2 else "inconclusive"
 
 
 def beats_best_control(rows: Sequence[Mapping], mechanism_row: Mapping, higher_is_better: bool,

@@ -60,7 +60,7 @@ def test_verdicts_recomputed_from_intervals(tmp_path):
                    verdict="inconclusive", primary=True),  # a wrong stored verdict is not trusted
               dict(claim="down", metric="ad", direction=-1, mean=1.0, ci95_low=0.5, ci95_high=1.5, n_seeds=3),
               dict(claim="flat", metric="acc", direction=1, mean=0.1, ci95_low=-0.5, ci95_high=0.7, n_seeds=3),
-              dict(claim="one seed", metric="acc", direction=1, mean=0.1, ci95_low=None, ci95_high=None, n_seeds=1)]
+              dict(claim="one seed", metric="acc", direction=1, mean=0.5, ci95_low=0.2, ci95_high=0.8, n_seeds=1)]
     (res / "picnn.json").write_text(json.dumps({"claims": claims}))
     (res / "other.json").write_text(json.dumps({"rows": []}))
     (res / "smoke.json").write_text(json.dumps({"meta": {"args": {"quick": True}}, "claims": claims}))
