@@ -292,7 +292,7 @@ def plot_rates(results, seeds, path, depth):
     plt.close(fig)
 
 
-def report(args, base, masks, results, seeds, full_macs):
+def report(args, base, masks, results, seeds, full_macs, partial=False):
     rows, claims = [], []
     n = args.xai_images
     for metric, key in (("acc", "acc"), ("AD", "ad"), ("AG", "ag"), ("insertion", "ins")):
@@ -315,9 +315,10 @@ def report(args, base, masks, results, seeds, full_macs):
                                       [np.array(r["correct"]) * 100 for r in xp],
                                       [np.array(r["correct"]) * 100 for r in bl], +1))
         for metric, key, d in (("AD", "ad", -1), ("AG", "ag", +1), ("insertion", "ins", +1)):
-            claims.append(H.claim_row(f"X-Pruner keeps Grad-CAM {metric} of the unpruned @{int(b * 100)}%", metric,
+            claims.append(H.claim_row(f"Grad-CAM {metric}: X-Pruner @{int(b * 100)}% better than unpruned", metric,
                                       [np.array(r[key]) for r in xp], [np.array(base[key][:n]) for _ in xp], d))
     intro = (
+        ("**PARTIAL: only the seeds listed finished; rerun the command to complete.** " if partial else "") +
         f"`python experiments/xpruner.py` (seeds {seeds}). Base: timm `deit_tiny_patch16_224` narrowed to embed "
         f"{args.embed_dim}, {args.heads} heads, depth {args.depth}, {args.image_size} px, patch {args.patch_size}, average pooling, trained from scratch "
         f"({args.base_epochs} epochs, {args.train_size} SyntheticShapes images, {args.num_classes} classes; one base "
@@ -404,6 +405,9 @@ def main():
                           f"{res['acc_before_ft']:.1f}) FLOPs {100 * res['macs'] / full_macs:.1f} % "
                           f"({time.time() - t0:.0f} s)", flush=True)
     except _TimeUp:
+        done = [s for s in args.seeds if s in masks and all((s, b, m) in results for b in BUDGETS for m in METHODS)]
+        if done:  # a partial report over the seeds finished so far (marked as such)
+            report(args, base, masks, results, done, full_macs, partial=True)
         print(f"[time budget] stopping after {time.time() - t0:.0f} s; rerun to continue (finished runs are cached)")
         sys.exit(3)
     report(args, base, masks, results, args.seeds, full_macs)
