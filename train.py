@@ -106,10 +106,40 @@ class ZooCLI(LightningCLI):
                       f"  python eval.py --checkpoint {rel}")
 
 
+_PROJECT = tuple(os.path.join(os.path.dirname(os.path.abspath(__file__)), d) + os.sep for d in ("models", "trainers"))
+_HINT = ("hint: `python train.py fit --config CONFIG --print_config` shows the resolved config; models: "
+         "python -c 'import models; print(models.list_models())'.")
+
+
+def project_error(exc: BaseException):
+    """The innermost exception of ``exc``'s chain raised by this project's code (``models/``, ``trainers/``) with a
+    message, or ``None``. jsonargparse re-raises an error of ``__init__`` as ~75 lines of union-type output
+    ("Does not validate against any of the Union subtypes ... Expected NoneType"); the cause is in the chain."""
+    found, seen, e = None, set(), exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        tb = e.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if (isinstance(e, (ValueError, KeyError, TypeError, OSError, ArithmeticError, NotImplementedError))
+                and tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_PROJECT)):
+            found = e
+        e = e.__cause__ or e.__context__
+    return found
+
+
 def main(args=None) -> ZooCLI:
-    return ZooCLI(ClassificationModule, ZooDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                  seed_everything_default=0, save_config_kwargs={"overwrite": True},
-                  trainer_defaults={"callbacks": [ZooCheckpoint()]}, args=args)
+    """Run the CLI; an error raised by the project's own code is printed as one line plus a hint (exit 1)."""
+    try:
+        return ZooCLI(ClassificationModule, ZooDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                      seed_everything_default=0, save_config_kwargs={"overwrite": True},
+                      trainer_defaults={"callbacks": [ZooCheckpoint()]}, args=args)
+    except Exception as e:  # noqa: BLE001 - re-raised unless it is one of ours
+        own = project_error(e)
+        if own is None:
+            raise
+        msg = own.args[0] if isinstance(own, KeyError) and own.args else str(own)
+        raise SystemExit(f"error: {type(own).__name__}: {msg}\n{_HINT}") from None
 
 
 if __name__ == "__main__":

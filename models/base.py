@@ -22,13 +22,15 @@ Everything here is pure PyTorch (no Lightning).
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["InterpretableClassifier", "normalize_saliency", "upsample_to", "check_input", "is_capturing"]
+__all__ = ["InterpretableClassifier", "normalize_saliency", "upsample_to", "check_input", "is_capturing",
+           "check_values", "NonFiniteError"]
 
 
 def upsample_to(maps: Tensor, size: Sequence[int]) -> Tensor:
@@ -87,6 +89,31 @@ def check_input(x: Tensor, in_chans: int, spatial_dims: int, name: str = "model"
             f"(shape {tuple(x.shape)}). Build the model with in_chans={x.shape[1]} "
             f"(e.g. create_model(..., in_chans={x.shape[1]})) or convert the data."
         )
+    check_values(x, name)
+
+
+class NonFiniteError(ValueError):
+    """NaN/inf where finite numbers are required (inputs, loss, logits): stop instead of a silent wrong result."""
+
+
+def check_values(x: Tensor, name: str = "model") -> None:
+    """Refuse integer pixels, NaN/inf and values far outside [0, 1] with the fix (one ``aminmax`` per batch;
+    skipped while a graph is captured). Models take float pixels in [0, 1] and normalise inside."""
+    if not x.is_floating_point():
+        raise TypeError(f"{name} got {x.dtype} pixels; models take float images in [0, 1]: use x.float() / 255 "
+                        "(torchvision: transforms.v2.ToDtype(torch.float32, scale=True)).")
+    if is_capturing() or x.numel() == 0:
+        return
+    lo, hi = (float(v) for v in torch.aminmax(x.detach()))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        n = int((~torch.isfinite(x.detach())).sum())
+        raise NonFiniteError(f"{name} input has {n} NaN/inf values (shape {tuple(x.shape)}): the logits and "
+                             "saliency would be meaningless. Fix the data (e.g. torch.nan_to_num or drop the file).")
+    if hi > 1.5 or lo < -0.5:
+        raise ValueError(f"{name} expects pixels in [0, 1] but the input spans [{lo:.3g}, {hi:.3g}]. "
+                         + ("0-255 values? Divide by 255. " if hi > 1.5 else "")
+                         + "Do not normalise with mean/std: the model does it inside "
+                           "(model.pretrained_cfg['inner_normalization']).")
 
 
 def is_capturing() -> bool:

@@ -31,6 +31,48 @@ __all__ = ["ClassificationModule", "build_optimizer", "build_scheduler", "load_m
 
 _OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 _SCHEDULERS = ("none", "step", "multistep", "cosine", "poly")
+#: keys each scheduler reads (plus the common ones); anything else is a typo and an error (issue 13 item 8)
+_SCHEDULER_KEYS = {"none": (), "step": ("step_size", "gamma"), "multistep": ("milestones", "gamma"),
+                   "cosine": ("T_max", "eta_min"), "poly": ("total_iters", "power")}
+_SCHEDULER_COMMON = ("name", "interval", "warmup", "warmup_start")
+
+
+def check_keys(what: str, cfg: Dict[str, Any], accepted) -> None:
+    """Raise a ValueError naming the unknown keys of ``cfg`` and the accepted ones (a typo is never ignored)."""
+    import difflib
+
+    accepted = sorted(set(accepted))
+    unknown = sorted(str(k) for k in cfg if k not in accepted)
+    if unknown:
+        hints = [f"{k!r} -> {m[0]!r}" for k in unknown for m in [difflib.get_close_matches(k, accepted, 1)] if m]
+        raise ValueError(f"Unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} in {what}; "
+                         f"accepted: {', '.join(accepted)}" + (f" (did you mean {'; '.join(hints)}?)" if hints else "") + ".")
+
+
+def _optimizer_keys(name: str) -> List[str]:
+    import inspect
+
+    return [p for p in inspect.signature(_OPTIMIZERS[name]).parameters if p not in ("self", "params")]
+
+
+def check_optim_config(optimizer: Optional[Dict[str, Any]], param_groups: Optional[List[dict]] = None,
+                       scheduler: Optional[Dict[str, Any]] = None, extra_scheduler_keys=()) -> None:
+    """Validate the optimizer / param_groups / scheduler dicts (names and every key) before training starts."""
+    if optimizer is not None:
+        name = str(optimizer.get("name", "sgd")).lower()
+        if name not in _OPTIMIZERS:
+            raise ValueError(f"Unknown optimizer {name!r}; choose one of {sorted(_OPTIMIZERS)}.")
+        keys = _optimizer_keys(name)
+        check_keys(f"optimizer ({name})", optimizer, ["name"] + keys)
+        for g in param_groups or []:
+            check_keys(f"param_groups entry {g}", g, ["params"] + keys)
+    if scheduler:
+        name = str(scheduler.get("name", "none")).lower()
+        if name not in _SCHEDULERS:
+            raise ValueError(f"Unknown scheduler {name!r}; choose one of {list(_SCHEDULERS)}.")
+        check_keys(f"scheduler ({name})", scheduler, _SCHEDULER_COMMON + _SCHEDULER_KEYS[name] + tuple(extra_scheduler_keys))
+        if str(scheduler.get("interval", "epoch")) not in ("epoch", "step"):
+            raise ValueError(f"scheduler interval must be 'epoch' or 'step', got {scheduler['interval']!r}.")
 
 
 def _param_groups(model: nn.Module, groups: List[dict], base: Dict[str, Any]) -> List[dict]:
@@ -62,6 +104,7 @@ def _param_groups(model: nn.Module, groups: List[dict], base: Dict[str, Any]) ->
 
 
 def build_optimizer(model: nn.Module, optimizer: Dict[str, Any], param_groups: Optional[List[dict]] = None):
+    check_optim_config(optimizer, param_groups)
     cfg = dict(optimizer)
     name = str(cfg.pop("name", "sgd")).lower()
     if name not in _OPTIMIZERS:
@@ -72,10 +115,13 @@ def build_optimizer(model: nn.Module, optimizer: Dict[str, Any], param_groups: O
     return _OPTIMIZERS[name](groups, **cfg)
 
 
-def build_scheduler(optimizer, scheduler: Optional[Dict[str, Any]], max_epochs: int, steps_per_epoch: int):
-    """LR scheduler from a dict; ``interval`` is ``epoch`` (default) or ``step``."""
+def build_scheduler(optimizer, scheduler: Optional[Dict[str, Any]], max_epochs: int, steps_per_epoch: int,
+                    extra_keys=()):
+    """LR scheduler from a dict; ``interval`` is ``epoch`` (default) or ``step``. Unknown keys are an error
+    (``extra_keys``: keys a subclass reads itself)."""
     if not scheduler:
         return None
+    check_optim_config(None, None, scheduler, extra_keys)
     cfg = dict(scheduler)
     name = str(cfg.pop("name", "none")).lower()
     interval = cfg.pop("interval", "epoch")
@@ -120,6 +166,9 @@ class ClassificationModule(pl.LightningModule):
         label_smoothing: for single-label cross-entropy.
     """
 
+    #: scheduler keys a subclass reads itself (accepted by the key check of ``check_optim_config``)
+    extra_scheduler_keys: tuple = ()
+
     def __init__(self, model: str = "baseline", model_kwargs: Optional[Dict[str, Any]] = None, num_classes: int = 10,
                  multilabel: bool = False, in_chans: Optional[int] = None,
                  optimizer: Optional[Dict[str, Any]] = None, param_groups: Optional[List[Dict[str, Any]]] = None,
@@ -143,6 +192,7 @@ class ClassificationModule(pl.LightningModule):
         self.optimizer_cfg = dict(optimizer or {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05})
         self.param_groups_cfg = list(param_groups or [])
         self.scheduler_cfg = dict(scheduler) if scheduler else None
+        check_optim_config(self.optimizer_cfg, self.param_groups_cfg, self.scheduler_cfg, self.extra_scheduler_keys)
         self.frozen_modules: List[nn.Module] = []
         self._freeze(freeze or [])
         self.label_smoothing = label_smoothing
@@ -231,7 +281,25 @@ class ClassificationModule(pl.LightningModule):
         return out["loss"]
 
     def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
+        loss = self._step(batch, "train")
+        self.check_finite_loss(loss)
+        return loss
+
+    def check_finite_loss(self, loss: Tensor) -> None:
+        """Stop a diverged run at its first non-finite loss (one scalar check per step; under DDP every rank
+        stops together). Checkpoints already written hold the finite weights of earlier epochs."""
+        finite = bool(torch.isfinite(loss.detach()).all())
+        t = self._trainer
+        if t is not None and t.world_size > 1:
+            finite = bool(t.strategy.reduce_boolean_decision(finite, all=True))
+        if not finite:
+            from models.base import NonFiniteError
+
+            lr = self.optimizer_cfg.get("lr")
+            raise NonFiniteError(
+                f"Training diverged: the loss is {float(loss.detach().float().mean())} at epoch {self.current_epoch}, "
+                f"step {self.global_step}. Lower the learning rate (optimizer lr={lr}), clip gradients "
+                "(--trainer.gradient_clip_val 1.0) or check the data. Checkpoints written so far are from before.")
 
     def validation_step(self, batch, batch_idx):
         return self._step(batch, "val")
@@ -290,7 +358,7 @@ class ClassificationModule(pl.LightningModule):
                 steps = math.ceil(trainer.estimated_stepping_batches / max_epochs)
             except Exception:  # no dataloader attached yet (e.g. a bare module in a test)
                 steps = 1
-        sched = build_scheduler(opt, self.scheduler_cfg, max_epochs, steps)
+        sched = build_scheduler(opt, self.scheduler_cfg, max_epochs, steps, self.extra_scheduler_keys)
         return opt if sched is None else {"optimizer": opt, "lr_scheduler": sched}
 
 

@@ -202,7 +202,13 @@ class _DictDataset(Dataset):
     def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
         from torchvision import tv_tensors
 
-        img, target = self.ds[i]
+        try:
+            img, target = self.ds[i]
+        except OSError as e:  # PIL: truncated / corrupt image (its message names no file)
+            samples = getattr(self.ds, "samples", None) or getattr(self.ds, "images", None)
+            where = samples[i][0] if samples and isinstance(samples[i], tuple) else samples[i] if samples else f"item {i}"
+            raise OSError(f"Could not read image {where!r} ({type(e).__name__}: {e}): the file is truncated or "
+                          "corrupt. Re-download or delete it.") from None
         if self.kind == "voc":  # segmentation mask -> multi-hot label + class map (0 bg, c+1, 255 ignore)
             mask = tv_tensors.Mask(torch.as_tensor(__import__("numpy").array(target), dtype=torch.long))
             img, mask = self.transform(tv_tensors.Image(_to_tensor(img)), mask)
@@ -215,6 +221,21 @@ class _DictDataset(Dataset):
             return {"image": img.as_subclass(torch.Tensor), "label": label, "mask": mask.as_subclass(torch.Tensor)}
         img = self.transform(tv_tensors.Image(_to_tensor(img)))
         return {"image": img.as_subclass(torch.Tensor), "label": torch.tensor(int(target))}
+
+
+def _align_classes(ds, classes: List[str]):
+    """Index an ImageFolder split with the **train** class list (torchvision indexes each folder on its own, so
+    a split missing a class would be silently mislabelled); a class that train does not have is an error."""
+    unknown = sorted(set(ds.classes) - set(classes))
+    if unknown:
+        raise ValueError(f"{ds.root}: class folder(s) {unknown} do not exist in train/ (classes {classes}); "
+                         "every val/test class must also be a train class. Rename or remove them.")
+    idx = {c: i for i, c in enumerate(classes)}
+    remap = [idx[c] for c in ds.classes]
+    ds.samples = [(p, remap[t]) for p, t in ds.samples]
+    ds.imgs, ds.targets = ds.samples, [t for _, t in ds.samples]
+    ds.classes, ds.class_to_idx = list(classes), dict(idx)
+    return ds
 
 
 def _to_tensor(img):
@@ -312,9 +333,9 @@ class TorchvisionDataModule(ZooDataModule):
             train_raw = self._raw("train")
             if self.name == "imagefolder":
                 self.num_classes, self.class_names = len(train_raw.classes), list(train_raw.classes)
-                val_raw = self._raw("val")
+                val_raw = _align_classes(self._raw("val"), self.class_names)
                 test_dir = os.path.join(self.root, "test")
-                test_raw = self._raw("test") if os.path.isdir(test_dir) else val_raw
+                test_raw = _align_classes(self._raw("test"), self.class_names) if os.path.isdir(test_dir) else val_raw
             else:
                 test_raw = self._raw("test")
                 val_raw = None
@@ -372,6 +393,9 @@ class _VolumeFolder(Dataset):
                 raise ImportError(f"{path} is NIfTI: pip install nibabel to read it (or convert to .npy).") from None
             vol = np.asarray(nibabel.load(path).get_fdata())
         v = torch.as_tensor(vol, dtype=torch.float32)
+        if not torch.isfinite(v).all():
+            raise ValueError(f"{path}: the volume has {int((~torch.isfinite(v)).sum())} NaN/inf voxels. Fix the file "
+                             "(e.g. numpy.nan_to_num) or remove it.")
         if v.dim() == 3:
             v = v[None]
         if v.dim() != 4:
