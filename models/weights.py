@@ -205,8 +205,8 @@ def _mismatch_hint(model: nn.Module, sd: Mapping[str, Tensor], own: Mapping[str,
             a, b = tuple(sd[k].shape), tuple(own[k].shape)
             if a[0] != b[0]:
                 hints.append(f"The classifier has a different number of classes ({a[0]} in the file, {b[0]} in the "
-                             "model): to fine-tune on new classes, start a new head with `reset_head: true` next to `checkpoint_path` in "
-                             "the config (or load_weights(model, PATH, skip=('fc.',)) in Python).")
+                             "model): to fine-tune on new classes, start a new head with `reset_head: true` next to "
+                             "`checkpoint_path` in the config (or load_weights(model, PATH, skip=('fc.',)) in Python).")
             else:
                 hints.append(f"Both classifiers have {a[0]} classes but `{k}` takes a different input ({a} in the "
                              f"file, {b} in the model): the file was saved from another mechanism or backbone.")

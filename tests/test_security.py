@@ -361,7 +361,8 @@ def test_eval_refuses_missing_mechanism_weights(run, tmp_path):
                           "--explainers", "none", "--out", str(tmp_path / "ev")])
     assert not (tmp_path / "ev" / "metrics_test.json").exists()
     # the same file is fine to *train* from (the mechanism starts fresh, reported)
-    rep = load_weights(models.create_model("ca_stream", num_classes=6, **_mk(run)), str(run / "checkpoints" / "best.ckpt"))
+    rep = load_weights(models.create_model("ca_stream", num_classes=6, **_mk(run)),
+                       str(run / "checkpoints" / "best.ckpt"))
     assert rep.new_mechanism_keys and all(k.startswith("stream.") for k in rep.new_mechanism_keys)
 
 
@@ -378,7 +379,8 @@ def test_picnn_weights_into_another_mechanism_name_the_real_mismatch(tmp_path):
         assert "Both classifiers have 6 classes" in msg and "'picnn' model" in msg, msg
     # a real class-count mismatch still says so
     save_weights(models.create_model("baseline", backbone="resnet18", num_classes=4), tmp_path / "b4.safetensors")
-    with pytest.raises(WeightLoadError, match=r"different number of classes \(4 in the file, 6 in the model\).*reset_head"):
+    with pytest.raises(WeightLoadError,
+                       match=r"different number of classes \(4 in the file, 6 in the model\).*reset_head"):
         load_weights(models.create_model("baseline", backbone="resnet18", num_classes=6), tmp_path / "b4.safetensors")
 
 
