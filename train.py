@@ -46,6 +46,17 @@ def _check_bf16(trainer) -> None:
         trainer.precision = "32-true"
 
 
+def _refuse_used_run_folder(root: str) -> None:
+    """Documented paths (``<root>/checkpoints/best.ckpt``) must mean the run just made: a new fit does not
+    silently mix with an earlier run's checkpoints."""
+    folder = os.path.join(root, "checkpoints")
+    old = sorted(f for f in os.listdir(folder) if f.endswith(".ckpt")) if os.path.isdir(folder) else []
+    if old:
+        raise SystemExit(f"error: the run folder {root!r} already holds checkpoints of an earlier run "
+                         f"({', '.join(old[:4])}). Resume it with --ckpt_path {os.path.join(folder, 'last.ckpt')}, "
+                         "replace it with --overwrite true, or choose another --trainer.default_root_dir.")
+
+
 class ZooCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
@@ -53,6 +64,8 @@ class ZooCLI(LightningCLI):
         parser.link_arguments("data.in_chans", "model.init_args.in_chans", apply_on="instantiate")
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="after fit, evaluate the best (validation-selected) checkpoint on the test split")
+        parser.add_argument("--overwrite", type=bool, default=False,
+                            help="fit into a run folder that already holds checkpoints (they are replaced)")
 
     def _parse_ckpt_path(self) -> None:
         """Lightning's version re-parses the checkpoint's hyper-parameters over the config: a ``class_path`` read
@@ -79,6 +92,8 @@ class ZooCLI(LightningCLI):
         trainer = cfg.trainer
         root = trainer.default_root_dir or "checkpoints/run"
         trainer.default_root_dir = root
+        if self.subcommand == "fit" and not cfg.get("ckpt_path") and not cfg.get("overwrite", False):
+            _refuse_used_run_folder(root)
         _check_bf16(trainer)
         if trainer.logger in (None, True):  # CSV + TensorBoard by default, next to the checkpoints
             trainer.logger = [

@@ -54,6 +54,24 @@ def test_model_contract(name, backbone):
     h.remove()
     assert isinstance(seen["o"], torch.Tensor) and seen["o"].dim() == len(size) + 1
 
+    # head surgery (timm API): a new class count, the rest of the weights kept; or a clear refusal
+    cfg = model.pretrained_cfg
+    assert cfg["mean"] == (0.0,) * model.in_chans and cfg["std"] == (1.0,) * model.in_chans  # [0, 1] pixels in
+    assert cfg["num_classes"] == 3 and cfg["input_size"][0] == model.in_chans
+    kept = {k: v.clone() for k, v in model.state_dict().items()
+            if not k.startswith(model.classifier_name() + ".")}
+    try:
+        model.reset_classifier(5)
+    except ValueError as e:  # a mechanism that cannot reset in its current state must say why
+        assert "reset_classifier" in str(e)
+        return
+    assert model.num_classes == 5 and model.pretrained_cfg["num_classes"] == 5
+    with torch.no_grad():
+        out5, sal5 = model.forward_explain(x, target=torch.tensor([4, -1]))
+    assert out5.shape == (2, 5) and sal5.shape == sal.shape
+    same = [k for k, v in model.state_dict().items() if k in kept and v.shape == kept[k].shape and torch.equal(v, kept[k])]
+    assert len(same) >= 0.8 * len(kept), "reset_classifier must keep the backbone weights"
+
 
 def test_list_models_and_unknown_name():
     names = models.list_models()

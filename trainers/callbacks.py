@@ -136,6 +136,7 @@ class ZooCheckpoint(ModelCheckpoint):
                              "epoch); use save_last=True (a full last.ckpt written every epoch).")
         self._auto = monitor == "auto"
         self._last_written_step = -1
+        kwargs.setdefault("enable_version_counter", False)  # best.ckpt, never best-v1.ckpt (documented paths stay true)
         super().__init__(monitor=None if self._auto else monitor, mode=mode, filename=filename, save_last=save_last,
                          dirpath=dirpath, auto_insert_metric_name=False, save_top_k=1, **kwargs)
 
