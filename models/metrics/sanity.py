@@ -331,13 +331,20 @@ def eval_checks(model: nn.Module, loader, args, out_dir: str) -> dict:
     if not names:
         raise SystemExit("error: --sanity / --dropout-ranking need --explainers (e.g. gradcam,guidedbackprop).")
     out = {}
+    layers = None
+    if getattr(args, "target_layers", None) is not None:  # eval.py --target-layers
+        import importlib
+
+        layers = importlib.import_module("eval").parse_target_layers(args.target_layers)
     if args.sanity:
         out["sanity"] = evaluate_sanity(model, loader, names, out_dir, max_images=args.sanity_images,
-                                        device=args.device, target=args.target, split=args.split)
+                                        device=args.device, target=args.target, split=args.split,
+                                        target_layers=layers)
+        print("wrote " + ", ".join(out["sanity"]["files"]))
     if args.dropout_ranking:
         r = layer_dropout_ranking(model, loader, names, metric=args.dropout_ranking, p=args.dropout_p,
                                   repeats=args.dropout_repeats, max_images=args.max_images, device=args.device,
-                                  target=args.target, max_batch=args.max_batch)
+                                  target=args.target, max_batch=args.max_batch, target_layers=layers)
         path = os.path.join(out_dir, f"dropout_ranking_{args.split}.json")
         with open(path + ".tmp", "w") as f:
             json.dump(r, f, indent=2)
