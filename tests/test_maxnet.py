@@ -164,8 +164,12 @@ def test_numerical_safety():
     assert torch.isfinite(s).all() and s.max() <= -np.log(1e-4) + 1e-4
     m = tiny().eval()
     with torch.no_grad():
-        for xx in (torch.zeros(2, 1, 16, 16, 16), torch.ones(2, 1, 16, 16, 16), torch.rand(2, 1, 16, 16, 16) * 1e6):
+        for xx in (torch.zeros(2, 1, 16, 16, 16), torch.ones(2, 1, 16, 16, 16)):
             assert torch.isfinite(m(xx)).all()
+        feats = m.backbone(torch.rand(2, 1, 16, 16, 16))  # inputs are refused outside [0, 1]: scale the features
+        for scale in (0.0, 1e6, 1e15):
+            out = m.run(None, feats=[f * scale for f in feats])
+            assert torch.isfinite(out["logits"]).all() and torch.isfinite(out["R3"]).all()
     _, sal = m.forward_explain(torch.zeros(1, 1, 16, 16, 16))
     assert torch.isfinite(sal).all()
 
@@ -313,3 +317,40 @@ def test_two_phase_training_and_pcr_file(tmp_path):
     assert pcr.saved_path == str(tmp_path / "best.pcr.safetensors")
     rs = ReferenceSet.load(pcr.saved_path)
     assert rs.maps.shape[1] == int(np.prod(rs.grid)) and len(rs) <= 8
+
+
+# ------------------------------------------------------------------------------------------------ real MRI folders
+def test_volume_folder_nifti_csv_crop_and_spacing(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    from trainers.data import VolumeFolderDataModule
+
+    rng = np.random.default_rng(0)
+    rows = {"train": [], "val": []}
+    for split in rows:
+        for i in range(4):
+            vol = np.zeros((20, 24, 16), np.float32)
+            vol[5:15, 6:18, 4:12] = rng.uniform(0.5, 1.0, (10, 12, 8))  # "brain" in a zero background
+            name = f"{split}_{i}.nii.gz"
+            nib.save(nib.Nifti1Image(vol, np.diag([2.0, 2.0, 2.0, 1.0])), str(tmp_path / name))
+            rows[split].append(f"{name},{'AD' if i % 2 else 'CN'}")
+        (tmp_path / f"{split}.csv").write_text("path,label\n" + "\n".join(rows[split]) + "\n")
+    dm = VolumeFolderDataModule(root=str(tmp_path), image_size=(8, 8, 8), num_workers=0, brain_crop=True)
+    assert dm.use_csv and dm.class_names == ["AD", "CN"] and dm.num_classes == 2
+    dm.setup("fit")
+    item = dm.train_set[1]
+    assert item["image"].shape == (1, 8, 8, 8) and int(item["label"]) == 0
+    assert (item["image"] > 0.1).float().mean() > 0.25  # brain share after the crop (10x12x8 in 14x16x12: 36 %)
+    dm0 = VolumeFolderDataModule(root=str(tmp_path), image_size=(8, 8, 8), num_workers=0)
+    dm0.setup("fit")
+    assert (dm0.train_set[1]["image"] > 0.1).float().mean() < 0.2  # without the crop: 12.5 %
+    dm2 = VolumeFolderDataModule(root=str(tmp_path), image_size=8, num_workers=0, spacing=4.0)
+    dm2.setup("fit")
+    assert dm2.train_set[0]["image"].shape == (1, 8, 8, 8)
+    from trainers.data.datamodules import _read_nifti
+    assert _read_nifti(str(tmp_path / "train_0.nii.gz"), 4.0).shape[1:] == (10, 12, 8)  # 2 mm -> 4 mm
+    (tmp_path / "val.csv").write_text("path,label\ntrain_0.nii.gz,MCI\n")
+    with pytest.raises(ValueError, match="do not occur in train.csv"):
+        VolumeFolderDataModule(root=str(tmp_path), num_workers=0).setup("fit")
+    (tmp_path / "val.csv").write_text("file,label\nx,CN\n")
+    with pytest.raises(ValueError, match="path,label"):
+        VolumeFolderDataModule(root=str(tmp_path), num_workers=0).setup("fit")

@@ -365,14 +365,16 @@ class _VolumeFolder(Dataset):
 
     EXTS = (".npy", ".npz", ".nii", ".nii.gz")
 
-    def __init__(self, folder: str, classes: List[str], size: int) -> None:
-        self.items = []
-        for ci, c in enumerate(classes):
+    def __init__(self, folder: str, classes: List[str], size, items: Optional[List] = None, brain_crop: bool = False,
+                 spacing=None) -> None:
+        self.items = list(items) if items is not None else []
+        for ci, c in enumerate(classes if items is None else []):
             d = os.path.join(folder, c)
             for f in sorted(os.listdir(d)) if os.path.isdir(d) else []:
                 if f.endswith(self.EXTS):
                     self.items.append((os.path.join(d, f), ci))
-        self.size = size
+        self.size = (int(size),) * 3 if isinstance(size, int) else tuple(int(s) for s in size)
+        self.brain_crop, self.spacing = brain_crop, spacing
 
     def __len__(self) -> int:
         return len(self.items)
@@ -391,7 +393,7 @@ class _VolumeFolder(Dataset):
                 import nibabel
             except ImportError:
                 raise ImportError(f"{path} is NIfTI: pip install nibabel to read it (or convert to .npy).") from None
-            vol = np.asarray(nibabel.load(path).get_fdata())
+            vol = _read_nifti(path, self.spacing)
         v = torch.as_tensor(vol, dtype=torch.float32)
         if not torch.isfinite(v).all():
             raise ValueError(f"{path}: the volume has {int((~torch.isfinite(v)).sum())} NaN/inf voxels. Fix the file "
@@ -400,34 +402,121 @@ class _VolumeFolder(Dataset):
             v = v[None]
         if v.dim() != 4:
             raise ValueError(f"{path}: expected a 3D volume (D, H, W) or (C, D, H, W), got shape {tuple(v.shape)}.")
-        v = torch.nn.functional.interpolate(v[None], size=(self.size,) * 3, mode="trilinear", align_corners=False)[0]
+        if self.brain_crop:
+            v = _brain_crop(v)
+        v = torch.nn.functional.interpolate(v[None], size=self.size, mode="trilinear", align_corners=False)[0]
         lo, hi = v.amin(), v.amax()
         v = (v - lo) / (hi - lo + 1e-8)
         return {"image": v, "label": torch.tensor(label)}
 
 
-class VolumeFolderDataModule(ZooDataModule):
-    """A folder of 3D volumes: ``root/{train,val,test}/<class>/*.npy|*.npz`` (NIfTI with nibabel)."""
+def _read_nifti(path: str, spacing=None):
+    """A NIfTI volume as a float array; with ``spacing`` (mm, float or 3) resampled by torchio (linear)."""
+    if spacing is None:
+        import nibabel
+        import numpy as np
 
-    def __init__(self, root: str = "data/volumes", image_size: int = 64, in_chans: int = 1, batch_size: int = 8,
-                 num_workers: int = 2, eval_batch_size: Optional[int] = None) -> None:
+        return np.asarray(nibabel.load(path).get_fdata(dtype=np.float32))
+    try:
+        import torchio as tio
+    except ImportError:
+        raise ImportError("spacing= resamples with torchio: pip install torchio (or pre-resample the volumes).") from None
+    img = tio.Resample(tuple(spacing) if isinstance(spacing, (list, tuple)) else float(spacing))(tio.ScalarImage(path))
+    return img.data.numpy()
+
+
+def _brain_crop(v: torch.Tensor, frac: float = 0.05, margin: int = 2) -> torch.Tensor:
+    """Crop ``(C, D, H, W)`` to the bounding box of voxels above ``frac`` of the intensity range (+ margin)."""
+    lo, hi = v.amin(), v.amax()
+    fg = (v > lo + frac * (hi - lo)).any(0)
+    if not fg.any():
+        return v
+    idx = fg.nonzero()
+    a = (idx.amin(0) - margin).clamp(min=0)
+    b = torch.minimum(idx.amax(0) + margin + 1, torch.tensor(fg.shape))
+    return v[:, a[0]:b[0], a[1]:b[1], a[2]:b[2]]
+
+
+def _read_split_csv(path: str, root: str):
+    """``path,label`` rows (header required; paths relative to ``root``) -> [(abs path, label string)]."""
+    import csv
+
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or not {"path", "label"} <= set(reader.fieldnames):
+            raise ValueError(f"{path}: the CSV needs a header with the columns 'path,label' (got {reader.fieldnames}).")
+        rows = [(os.path.join(root, r["path"].strip()), r["label"].strip()) for r in reader]
+    missing = [p for p, _ in rows if not os.path.isfile(p)]
+    if missing:
+        raise DatasetMissingError(f"{path}: {len(missing)} listed volume(s) do not exist, e.g. {missing[0]!r} "
+                                  "(paths are relative to the data root).")
+    return rows
+
+
+class VolumeFolderDataModule(ZooDataModule):
+    """A folder of 3D volumes (``.npy``/``.npz``, NIfTI ``.nii``/``.nii.gz`` via nibabel), scaled to [0, 1].
+
+    Labels: class folders ``root/{train,val,test}/<class>/*``, or (``labels="csv"``, automatic when
+    ``root/train.csv`` exists) one CSV per split ``root/{train,val,test}.csv`` with a ``path,label`` header
+    (paths relative to ``root``). ``image_size``: int or (D, H, W). ``brain_crop``: crop to the foreground
+    bounding box first. ``spacing``: resample NIfTI volumes to this voxel size in mm (torchio) first.
+    """
+
+    def __init__(self, root: str = "data/volumes", image_size=64, in_chans: int = 1, batch_size: int = 8,
+                 num_workers: int = 2, eval_batch_size: Optional[int] = None, labels: str = "auto",
+                 brain_crop: bool = False, spacing=None) -> None:
         super().__init__(batch_size, num_workers, eval_batch_size)
         self.save_hyperparameters()
         self.root, self.image_size = os.path.expanduser(root), image_size
         self.in_chans, self.spatial_dims = in_chans, 3
+        if labels not in ("auto", "folders", "csv"):
+            raise ValueError(f"labels must be 'auto', 'folders' or 'csv', got {labels!r}.")
+        self.use_csv = labels == "csv" or (labels == "auto" and os.path.isfile(os.path.join(self.root, "train.csv")))
+        self.brain_crop, self.spacing = brain_crop, spacing
         train = os.path.join(self.root, "train")
-        self.class_names = sorted(d.name for d in os.scandir(train) if d.is_dir()) if os.path.isdir(train) else []
+        if self.use_csv:
+            csv_path = os.path.join(self.root, "train.csv")
+            rows = _read_split_csv(csv_path, self.root) if os.path.isfile(csv_path) else []
+            self.class_names = sorted({lab for _, lab in rows}, key=lambda c: (not c.isdigit(), int(c) if c.isdigit() else 0, c))
+        else:
+            self.class_names = sorted(d.name for d in os.scandir(train) if d.is_dir()) if os.path.isdir(train) else []
         self.num_classes = len(self.class_names)
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_set is not None:
             return
+        if self.use_csv:
+            self._setup_csv()
+            return
         for split in ("train", "val"):
             if not os.path.isdir(os.path.join(self.root, split)):
                 raise DatasetMissingError(f"Volume folder {os.path.join(self.root, split)!r} is missing. Arrange "
                                           f"volumes as {self.root}/{{train,val,test}}/<class>/*.npy (or .npz/.nii.gz).")
-        mk = lambda s: _VolumeFolder(os.path.join(self.root, s), self.class_names, self.image_size)  # noqa: E731
+        mk = lambda s: _VolumeFolder(os.path.join(self.root, s), self.class_names, self.image_size,  # noqa: E731
+                                     brain_crop=self.brain_crop, spacing=self.spacing)
         self.train_set, self.val_set = mk("train"), mk("val")
         self.test_set = mk("test") if os.path.isdir(os.path.join(self.root, "test")) else self.val_set
         if len(self.train_set) == 0:
             raise DatasetMissingError(f"No volumes ({', '.join(_VolumeFolder.EXTS)}) under {self.root}/train/<class>/.")
+
+    def _setup_csv(self) -> None:
+        """Splits from ``root/{train,val,test}.csv`` (``path,label``); labels must be among train's classes."""
+        sets = {}
+        for split in ("train", "val", "test"):
+            p = os.path.join(self.root, f"{split}.csv")
+            if not os.path.isfile(p):
+                if split == "test":
+                    continue
+                raise DatasetMissingError(f"{p!r} is missing: with labels from CSV, write root/{{train,val,test}}.csv "
+                                          "with a 'path,label' header (paths relative to root).")
+            rows = _read_split_csv(p, self.root)
+            unknown = sorted({lab for _, lab in rows} - set(self.class_names))
+            if unknown:
+                raise ValueError(f"{p}: labels {unknown} do not occur in train.csv (classes {self.class_names}).")
+            items = [(path, self.class_names.index(lab)) for path, lab in rows]
+            sets[split] = _VolumeFolder(self.root, self.class_names, self.image_size, items=items,
+                                        brain_crop=self.brain_crop, spacing=self.spacing)
+        self.train_set, self.val_set = sets["train"], sets["val"]
+        self.test_set = sets.get("test", self.val_set)
+        if len(self.train_set) == 0:
+            raise DatasetMissingError(f"{os.path.join(self.root, 'train.csv')} lists no volumes.")
