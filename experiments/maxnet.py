@@ -53,14 +53,16 @@ def parse(argv=None):
     p.add_argument("--val-size", type=int, default=60)
     p.add_argument("--test-size", type=int, default=100)
     p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--severity", type=float, nargs=2, default=(0.2, 0.8),
+                   help="atrophy severity range (DataModule default 0.4-1.0 is learned to 100 %% by MAXNet)")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--ce-only-epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3, help="Adam lr (paper 1e-4 over 70 epochs; see docs)")
     p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--xai-volumes", type=int, default=16, help="test atrophy volumes explained per seed")
+    p.add_argument("--xai-volumes", type=int, default=12, help="test atrophy volumes explained per seed")
     p.add_argument("--curve-steps", type=int, default=20)
-    p.add_argument("--pcr-queries", type=int, default=30)
+    p.add_argument("--pcr-queries", type=int, default=24)
     p.add_argument("--max-minutes", type=float, default=0.0, help="stop starting new runs after this (0 = no limit)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
@@ -91,7 +93,7 @@ def load_data(args, cache_dir):
     from trainers.data.mni import MNIAtrophy
 
     key = H.config_hash(dict(kind="maxnet-data", r=args.resolution, n=(args.train_size, args.val_size, args.test_size),
-                             seed=args.data_seed, v=1))
+                             seed=args.data_seed, severity=list(args.severity), v=1))
     path = os.path.join(cache_dir, f"maxnet_data_{key}.safetensors")
     if os.path.exists(path):
         t = load_file(path)
@@ -99,7 +101,8 @@ def load_data(args, cache_dir):
         t0 = time.time()
         t = {}
         for split, n in (("train", args.train_size), ("val", args.val_size), ("test", args.test_size)):
-            ds = MNIAtrophy(split, n, seed=args.data_seed, resolution=args.resolution, cache=False)
+            ds = MNIAtrophy(split, n, seed=args.data_seed, resolution=args.resolution, severity=tuple(args.severity),
+                            cache=False)
             items = [ds[i] for i in range(n)]
             t[f"{split}_image"] = torch.stack([it["image"] for it in items]).half()
             t[f"{split}_label"] = torch.stack([it["label"] for it in items])
@@ -345,7 +348,7 @@ def report(args, results, seeds):
             [[round(v, 3) for v in full[s]["pcr"]["ref_label_agrees"]] for s in common])
     intro = (f"Simulated atrophy on the MNI152 template at {args.resolution} mm (trainers/data/mni.py; a simulation "
              f"for testing localisation, not a clinical dataset). Train/val/test {args.train_size}/{args.val_size}/"
-             f"{args.test_size} subjects (data seed {args.data_seed}), {args.epochs} epochs ({args.ce_only_epochs} CE "
+             f"{args.test_size} subjects (data seed {args.data_seed}, atrophy severity U{tuple(args.severity)}), {args.epochs} epochs ({args.ce_only_epochs} CE "
              f"only), Adam lr {args.lr} wd {args.weight_decay}, poly decay, batch {args.batch_size}; weight seeds "
              f"{seeds}. Command: `python experiments/maxnet.py`. Intervals: t over seeds (rows), paired difference "
              "over seeds (+ per-volume bootstrap where the values are per volume) for verdicts. "
@@ -362,7 +365,7 @@ def main(argv=None):
     cache = H.RunCache(args.cache_dir, enabled=not args.no_cache)
     data = load_data(args, args.cache_dir)
     results = {}
-    cfg_common = {k: getattr(args, k) for k in ("resolution", "train_size", "val_size", "test_size", "data_seed",
+    cfg_common = {k: getattr(args, k) for k in ("resolution", "train_size", "val_size", "test_size", "data_seed", "severity",
                                                  "epochs", "ce_only_epochs", "batch_size", "lr", "weight_decay",
                                                  "xai_volumes", "curve_steps", "pcr_queries")}
     stopped = False
