@@ -26,6 +26,11 @@ class ExplainedModel(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
+        if getattr(model, "explanation_needs_gradients", False):
+            raise ValueError(f"{type(model).__name__}'s intrinsic explanation ({model.explanation_kind}) is defined by "
+                             "gradients (autograd inside forward_explain), which an ONNX graph or a torch.export "
+                             "program cannot hold. Serve it from PyTorch (safetensors weights + "
+                             "models.create_model(..., checkpoint_path=)); see docs/export.md.")
         self.model = model
 
     def forward(self, x: Tensor, target: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:

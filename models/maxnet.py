@@ -196,6 +196,8 @@ class MAXNet(InterpretableClassifier):
     """
 
     explanation_kind = "ham"
+    #: HAM needs d s_c / d F_n (eq 3.18): not exportable as a graph (models/export.py refuses with a message)
+    explanation_needs_gradients = True
     mechanism_prefixes = ("dam.", "beta", "latent.", "prototypes", "fc.")
 
     def __init__(self, num_classes: int = 2, backbone: str = "maxnet3d", pretrained: bool = False,
@@ -226,14 +228,8 @@ class MAXNet(InterpretableClassifier):
         self.beta = nn.Parameter(torch.full((2, 2), 0.5))  # eq 3.9: [stage 3/4][beta1, beta2]
         k = embed_dim
         self.latent = _CONV[sd](k if use_mfm else 3 * k, latent_dim, 1, bias=False)  # eq 3.11 "FC per voxel"
-        self.num_prototypes = prototypes_per_class * num_classes
-        self.prototypes = nn.Parameter(torch.rand(self.num_prototypes, latent_dim))  # U(0, 1)
-        self.register_buffer("proto_class", torch.arange(num_classes).repeat_interleave(prototypes_per_class),
-                             persistent=False)
-        self.fc = nn.Linear(self.num_prototypes, num_classes, bias=False)
-        with torch.no_grad():  # own class 1, other classes -0.5 (spec §4)
-            own = F.one_hot(self.proto_class, num_classes).t().float()
-            self.fc.weight.copy_(own - 0.5 * (1 - own))
+        self.prototypes_per_class = prototypes_per_class
+        self._build_head(num_classes, latent_dim)
         self.use_dam, self.use_mfm, self.eta, self.eps = use_dam, use_mfm, eta, eps
         self.latent_dim, self.ham_fusion = latent_dim, ham_fusion
         self.pretrained_cfg = dict(input_size=(in_chans,) + ((96, 112, 96) if sd == 3 else (224, 224)),
@@ -276,6 +272,24 @@ class MAXNet(InterpretableClassifier):
         out["sim"] = neg_log_distance(dist, self.eta)
         out["logits"] = self.fc(out["sim"])
         return out
+
+    def _build_head(self, num_classes: int, latent_dim: int) -> None:
+        """Prototypes (M = per class x K, U(0, 1)) and the FC head initialised 1 / -0.5 (own / other class)."""
+        dev = self.beta.device
+        self.num_prototypes = self.prototypes_per_class * num_classes
+        self.prototypes = nn.Parameter(torch.rand(self.num_prototypes, latent_dim, device=dev))  # U(0, 1)
+        self.register_buffer("proto_class", torch.arange(num_classes, device=dev).repeat_interleave(
+            self.prototypes_per_class), persistent=False)
+        self.fc = nn.Linear(self.num_prototypes, num_classes, bias=False).to(dev)
+        with torch.no_grad():  # own class 1, other classes -0.5 (spec §4)
+            own = F.one_hot(self.proto_class, num_classes).t().float()
+            self.fc.weight.copy_(own - 0.5 * (1 - own))
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """New class count: the class prototypes and the FC head are rebuilt (both are per class); the 3D
+        stream, DAM, MFM and latent projection keep their weights."""
+        super().reset_classifier(num_classes)  # validates num_classes, updates num_classes / cfg
+        self._build_head(int(num_classes), self.prototypes.shape[1])
 
     def forward(self, x: Tensor) -> Tensor:
         return self.run(x)["logits"]

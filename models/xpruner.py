@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import InterpretableClassifier, normalize_saliency
+from .base import InterpretableClassifier, is_capturing, normalize_saliency
 from .registry import register_model
 
 __all__ = ["XPruner", "EmptyBranch", "pruning_op", "unit_scores", "soft_rates", "hard_rates", "accumulated_rate",
@@ -64,6 +64,10 @@ class EmptyBranch(nn.Module):
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         out = x * 0.0  # keeps shape/dtype/device (and a trace-friendly dependency on x)
         return out + self.bias if self.bias is not None else out
+
+
+def _refresh_pruning_active(module: nn.Module, _incompatible) -> None:
+    module._pruning_active()
 
 
 def _create_vit(name: str, pretrained: bool, weights: Optional[str], in_chans: int, num_classes: int,
@@ -189,6 +193,7 @@ class XPruner(InterpretableClassifier):
         xp.register_buffer("lagrange_gamma", torch.zeros(()))
         xp.register_buffer("pruning_active", torch.zeros((), dtype=torch.bool))
         self.xp = xp
+        self.register_load_state_dict_post_hook(_refresh_pruning_active)  # module-level: ddp_spawn pickles it
         for i, blk in enumerate(v.blocks):
             blk.attn.proj.register_forward_pre_hook(functools.partial(_head_hook, self, 2 * i))
             if mlp_site == "post_act":
@@ -209,9 +214,16 @@ class XPruner(InterpretableClassifier):
     def group_sizes(self) -> List[int]:
         return [self.num_heads, self.mlp_hidden] * self.depth
 
+    def _pruning_active(self) -> bool:
+        """``xp.pruning_active`` as a Python bool. While a graph is captured (``torch.export``: the buffer is
+        symbolic there) the value read by the last eager call or state-dict load is used."""
+        if not is_capturing():
+            self._active_seen = bool(self.xp.pruning_active)
+        return getattr(self, "_active_seen", False)
+
     def effective_masks(self) -> List[Tensor]:
         """``M`` (stage 1) or ``M̂`` of eq. 5.9 (stage 2, ``xp.pruning_active``)."""
-        if not bool(self.xp.pruning_active):
+        if not self._pruning_active():
             return self.masks
         return [pruning_op(M, self.xp.theta[g], self.n, self.pruned_branch, self.p) for g, M in enumerate(self.masks)]
 
@@ -222,7 +234,7 @@ class XPruner(InterpretableClassifier):
 
     def keep_sets(self) -> List[Tensor]:
         """Hard kept units (bool (U_g,)): ``ŝ_u > θ_g`` in stage 2, everything otherwise."""
-        if not bool(self.xp.pruning_active):
+        if not self._pruning_active():
             return [torch.ones(U, dtype=torch.bool, device=self.xp.theta.device) for U in self.group_sizes]
         return [unit_scores(M) > self.xp.theta[g] for g, M in enumerate(self.masks)]
 

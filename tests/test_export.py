@@ -133,3 +133,32 @@ def test_export_cli_refuses_to_overwrite_another_model(tmp_path):
     with pytest.raises(SystemExit, match="different model.*--overwrite"):
         export_script.main(["--checkpoint", str(paths[1]), "--out", str(out), "--no-onnx", "--no-pt2"])
     export_script.main(["--checkpoint", str(paths[1]), "--out", str(out), "--no-onnx", "--no-pt2", "--overwrite"])
+
+
+def test_gradient_defined_explanation_is_refused_clearly(tmp_path):
+    """MAXNet's HAM needs autograd inside forward_explain: export refuses with the reason, not a tracer error."""
+    from models.registry import test_kwargs
+
+    kw = test_kwargs("maxnet")
+    size = kw.pop("input_size")
+    m = models.create_model("maxnet", num_classes=3, **kw).eval()
+    with pytest.raises(ValueError, match="defined by gradients"):
+        export_onnx(m, str(tmp_path / "m.onnx"), torch.rand(1, *size))
+
+
+def test_xpruner_stage2_model_exports_pt2(tmp_path):
+    """X-Pruner in stage 2 (pruning_active set) exports as a torch.export program: the stage flag is read
+    eagerly (also right after a state-dict load), never from the symbolic buffer during capture."""
+    from models.export import export_program, verify_program
+    from models.registry import test_kwargs
+
+    kw = test_kwargs("xpruner")
+    src = models.create_model("xpruner", num_classes=3, **kw).eval()
+    src.xp.pruning_active.fill_(True)
+    m = models.create_model("xpruner", num_classes=3, **kw).eval()
+    m.load_state_dict(src.state_dict())
+    assert m._pruning_active() is True
+    x = torch.rand(2, 3, 32, 32)
+    path = export_program(m, str(tmp_path / "xp.pt2"), x, dynamic_hw=False)
+    diff = verify_program(path, m, x)
+    assert max(diff.values()) < 1e-4, diff

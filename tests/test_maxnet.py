@@ -354,3 +354,22 @@ def test_volume_folder_nifti_csv_crop_and_spacing(tmp_path):
     (tmp_path / "val.csv").write_text("file,label\nx,CN\n")
     with pytest.raises(ValueError, match="path,label"):
         VolumeFolderDataModule(root=str(tmp_path), num_workers=0).setup("fit")
+
+
+def test_reset_classifier_rebuilds_class_prototypes():
+    """A new class count rebuilds the per-class prototypes and the 1 / -0.5 FC head; the rest keeps its weights."""
+    import models
+    from models.registry import test_kwargs
+
+    kw = test_kwargs("maxnet")
+    size = kw.pop("input_size")
+    m = models.create_model("maxnet", num_classes=3, **kw)
+    latent = m.latent.weight.detach().clone()
+    per = m.prototypes_per_class
+    m.reset_classifier(5)
+    assert m.prototypes.shape[0] == 5 * per and m.fc.weight.shape == (5, 5 * per)
+    assert m.proto_class.tolist() == [c for c in range(5) for _ in range(per)]
+    own = m.proto_class[None, :] == torch.arange(5)[:, None]
+    assert torch.all(m.fc.weight[own] == 1) and torch.all(m.fc.weight[~own] == -0.5)
+    assert torch.equal(m.latent.weight, latent)
+    assert m(torch.rand(2, *size)).shape == (2, 5)
