@@ -370,3 +370,32 @@ def _wrap_traced(module: nn.Module, in_chans: int, out_indices) -> Tuple[nn.Modu
 
 def create_backbone(name: str = "resnet18", **kwargs) -> Backbone:
     return Backbone(name, **kwargs)
+
+
+def create_timm_vit(name: str, pretrained: bool, weights, kw: dict, who: str, examples: str,
+                    extra: str = "") -> nn.Module:
+    """A timm ``VisionTransformer`` for the ViT mechanisms (eX-ViT, X-Pruner): ``kw`` are timm kwargs;
+    ``weights`` a local file (timm state dict, safetensors or zoo checkpoint, converted and checked key by key)."""
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+
+    if not timm.is_model(name):
+        raise ValueError(f"Unknown backbone {name!r}. {who} needs a timm VisionTransformer, e.g. {examples}.")
+    kw = dict(kw)
+    if weights:
+        sd = _check_backbone_file(name, weights, kw.get("in_chans", 3), {k: v for k, v in kw.items() if k != "num_classes"})
+        kw.update(pretrained=True, pretrained_cfg_overlay=dict(state_dict=sd))  # zoo checkpoints converted
+    else:
+        kw["pretrained"] = bool(pretrained)
+    try:
+        vit = timm.create_model(name, **kw)
+    except Exception as e:
+        if pretrained and not weights:
+            raise RuntimeError(f"Could not fetch pretrained weights for {name!r} ({type(e).__name__}); without "
+                               "internet pass backbone_weights=PATH (.safetensors or state dict).") from None
+        raise
+    if not isinstance(vit, VisionTransformer):
+        raise TypeError(f"{who} needs a timm VisionTransformer backbone (vit_*/deit_*), got {name!r} "
+                        f"({type(vit).__name__}).{extra}")
+    return vit
+

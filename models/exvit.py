@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .backbones import create_timm_vit
 from .base import InterpretableClassifier, normalize_saliency
 from .registry import register_model
 
@@ -377,7 +378,6 @@ def factored_diversity(m: Tensor, P: Tensor, eps: float = 1e-6) -> Tensor:
 # The model
 # ----------------------------------------------------------------------------------------------------------
 def _create_vit(name: str, pretrained: bool, weights: Optional[str], in_chans: int, kwargs: dict) -> nn.Module:
-    import timm
     from timm.models.vision_transformer import VisionTransformer
 
     if isinstance(name, nn.Module):  # bring your own encoder: a timm VisionTransformer instance, used as is
@@ -387,29 +387,10 @@ def _create_vit(name: str, pretrained: bool, weights: Optional[str], in_chans: i
                                                                    isinstance(name, VisionTransformer) else "") + ".")
         name.reset_classifier(0)  # (build it with dynamic_img_size=True to accept any input size)
         return name
-    if not timm.is_model(name):
-        raise ValueError(f"Unknown backbone {name!r}. eX-ViT needs a timm VisionTransformer, e.g. "
-                         "deit_small_patch16_224 (paper), deit_tiny_patch16_224, vit_small_patch16_224.")
     kw = dict(num_classes=0, in_chans=in_chans, dynamic_img_size=True, dynamic_img_pad=True)
     kw.update(kwargs)
-    if weights:
-        from .backbones import _check_backbone_file
-
-        sd = _check_backbone_file(name, weights, in_chans, {k: v for k, v in kw.items() if k != "num_classes"})
-        kw.update(pretrained=True, pretrained_cfg_overlay=dict(state_dict=sd))  # zoo checkpoints converted
-    else:
-        kw["pretrained"] = bool(pretrained)
-    try:
-        vit = timm.create_model(name, **kw)
-    except Exception as e:
-        if pretrained and not weights:
-            raise RuntimeError(f"Could not fetch pretrained weights for {name!r} ({type(e).__name__}); without "
-                               "internet pass backbone_weights=PATH (.safetensors or state dict).") from None
-        raise
-    if not isinstance(vit, VisionTransformer):
-        raise TypeError(f"eX-ViT needs a timm VisionTransformer backbone (vit_*/deit_*), got {name!r} "
-                        f"({type(vit).__name__}).")
-    return vit
+    return create_timm_vit(name, pretrained, weights, kw, "eX-ViT",
+                           "deit_small_patch16_224 (paper), deit_tiny_patch16_224, vit_small_patch16_224")
 
 
 @register_model("exvit", test_kwargs=dict(backbone="deit_tiny_patch16_224", backbone_kwargs=dict(img_size=32, depth=2),

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .backbones import create_timm_vit
 from .base import InterpretableClassifier, is_capturing, normalize_saliency
 from .registry import register_model
 
@@ -72,32 +73,11 @@ def _refresh_pruning_active(module: nn.Module, _incompatible) -> None:
 
 def _create_vit(name: str, pretrained: bool, weights: Optional[str], in_chans: int, num_classes: int,
                 kwargs: dict) -> nn.Module:
-    import timm
-    from timm.models.vision_transformer import VisionTransformer
-
-    if not timm.is_model(name):
-        raise ValueError(f"Unknown backbone {name!r}. X-Pruner needs a timm VisionTransformer, e.g. "
-                         "deit_tiny_patch16_224, deit_small_patch16_224 (paper), deit_base_patch16_224.")
     kw = dict(num_classes=num_classes, in_chans=in_chans)
     kw.update(kwargs)
-    if weights:
-        from .backbones import _check_backbone_file
-
-        _check_backbone_file(name, weights, in_chans, {k: v for k, v in kw.items() if k != "num_classes"})
-        kw.update(pretrained=True, pretrained_cfg_overlay=dict(file=os.fspath(weights)))
-    else:
-        kw["pretrained"] = bool(pretrained)
-    try:
-        vit = timm.create_model(name, **kw)
-    except Exception as e:
-        if pretrained and not weights:
-            raise RuntimeError(f"Could not fetch pretrained weights for {name!r} ({type(e).__name__}); without "
-                               "internet pass backbone_weights=PATH (.safetensors or state dict).") from None
-        raise
-    if not isinstance(vit, VisionTransformer):
-        raise TypeError(f"X-Pruner needs a timm VisionTransformer backbone (vit_*/deit_*), got {name!r} "
-                        f"({type(vit).__name__}). Swin is not supported yet.")
-    return vit
+    return create_timm_vit(name, pretrained, weights, kw, "X-Pruner",
+                           "deit_tiny_patch16_224, deit_small_patch16_224 (paper), deit_base_patch16_224",
+                           extra=" Swin is not supported yet.")
 
 
 def read_widths(widths: Union[None, dict, str, os.PathLike]) -> Optional[dict]:
