@@ -38,6 +38,19 @@ PAPER_R18 = {  # seed 001 Table 3.1, ResNet-18 on ImageNet: (AD, AG, AI, I, D)
 NAMES = {"gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "scorecam": "Score-CAM"}
 
 
+def _stream_module(args, base_path: str):
+    """CA-Stream attached to the baseline at ``base_path``, paper protocol: stream only, SGD 0.9, wd 1e-4,
+    lr / 10 at 2/3 of the run."""
+    from trainers.ca_stream import CAStreamModule
+
+    step = max(1, round(args.stream_epochs * 2 / 3))
+    return CAStreamModule(model_kwargs=dict(backbone=args.backbone, start_stage=args.start_stage,
+                                            class_specific=args.class_specific),
+                          num_classes=args.num_classes, checkpoint_path=base_path, train_mode="stream",
+                          optimizer={"name": "sgd", "lr": args.stream_lr, "momentum": 0.9, "weight_decay": 1e-4},
+                          scheduler={"name": "step", "step_size": step, "gamma": 0.1})
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--baseline-ckpt", default=None, help="reuse a trained baseline (zoo checkpoint / state dict)")
@@ -176,7 +189,6 @@ def main(argv=None):
 
     from models import Baseline, create_model, load_weights, save_weights
     from models.metrics import run_interpretability, save_overlay_grid
-    from trainers.ca_stream import CAStreamModule
     from trainers.classification import ClassificationModule
     from trainers.data import SyntheticShapesDataModule
 
@@ -208,12 +220,7 @@ def main(argv=None):
     # 2. CA-Stream on top of it (paper protocol) ----------------------------------------------------
     print(f"[2/4] training CA-Stream (stream only, {args.stream_epochs} epochs)" + f' (t={time.time() - t0:.0f} s)')
     pl.seed_everything(args.seed, workers=True)
-    step = max(1, round(args.stream_epochs * 2 / 3))
-    ca_mod = CAStreamModule(model_kwargs=dict(backbone=args.backbone, start_stage=args.start_stage,
-                                              class_specific=args.class_specific),
-                            num_classes=args.num_classes, checkpoint_path=base_path, train_mode="stream",
-                            optimizer={"name": "sgd", "lr": args.stream_lr, "momentum": 0.9, "weight_decay": 1e-4},
-                            scheduler={"name": "step", "step_size": step, "gamma": 0.1})
+    ca_mod = _stream_module(args, base_path)
     if args.ca_ckpt:
         load_weights(ca_mod.model, args.ca_ckpt)
     else:
@@ -310,7 +317,6 @@ def _one_seed(args, seed):
     from models import Baseline, load_weights, save_weights
     from models.explainers import create_explainer
     from models.metrics import run_interpretability
-    from trainers.ca_stream import CAStreamModule
     from trainers.classification import ClassificationModule
     from trainers.data.synthetic import SyntheticShapes
 
@@ -338,12 +344,7 @@ def _one_seed(args, seed):
     save_weights(mod.model, base_path)
     t_base = time.time() - t0
     pl.seed_everything(seed, workers=True, verbose=False)
-    step = max(1, round(args.stream_epochs * 2 / 3))
-    ca_mod = CAStreamModule(model_kwargs=dict(backbone=args.backbone, start_stage=args.start_stage,
-                                              class_specific=args.class_specific),
-                            num_classes=args.num_classes, checkpoint_path=base_path, train_mode="stream",
-                            optimizer={"name": "sgd", "lr": args.stream_lr, "momentum": 0.9, "weight_decay": 1e-4},
-                            scheduler={"name": "step", "step_size": step, "gamma": 0.1})
+    ca_mod = _stream_module(args, base_path)
     _fit_loader(ca_mod, loader(part_b, True), args.stream_epochs, root)
     ca = ca_mod.model.eval()
     save_weights(ca, os.path.join(root, "ca_stream.safetensors"))

@@ -18,13 +18,7 @@ ALL = list_explainers()
 CHEAP = [n for n in ALL if n not in ("scorecam", "ablationcam")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The CI box is shared: intra-op threads only spin against other processes (10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _model(backbone="resnet18", **kw):

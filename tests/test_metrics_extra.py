@@ -17,12 +17,7 @@ from models.metrics.region import (ADCC, ConfidenceDrop, NegativeDensity, Positi
 from models.metrics.sanity import cascading_randomization, kendall_tau, mc_dropout, spearman_per_item
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class Tiny(nn.Module):

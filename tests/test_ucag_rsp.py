@@ -13,12 +13,7 @@ from models.explainers.rsp import (RSP, maxpool_z, relative_start_relevance, res
 from models.explainers.ucag import UCAG, coverage_counts, patch_geometry, patch_starts
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
