@@ -69,6 +69,10 @@ LABELS = {"acc": "Acc", "ad": "AD↓", "ag": "AG↑", "ai": "AI↑", "ins": "Ins
           "epg": "EPG↑", "miou": "IoU↑", "train_step_ratio": "train step ×", "inference_ratio": "inference ×"}
 CONTROLS = ("random", "gaussian", "fakecam", "colorcontrast", "edges", "untrained", "untrained_intrinsic")
 EXPLAINED = ("intrinsic", "gradcam")
+#: post-hoc explainers of issue 18 evaluated on one mechanism only (their claim: better than the explainer they wrap,
+#: paired on the same model and images). RSP supports plain CNNs only (no ViT / attention blocks).
+EXTRA_EXPLAINERS = {"baseline": ("ucag:gradcam", "rsp")}
+EXTRA_CLAIMS = {"ucag:gradcam": "gradcam", "rsp": "gradcam"}
 
 
 def backbone_kwargs_for(backbone: str, args) -> dict:
@@ -85,10 +89,10 @@ def data_kwargs(args) -> dict:
 def run_config(mech: str, seed: int, backbone: str, args) -> dict:
     """Everything that defines one run (its cache key)."""
     spec = SPECS[mech]
-    return dict(kind="leaderboard_run", version=1, mechanism=mech, seed=int(seed), backbone=backbone,
+    return dict(kind="leaderboard_run", version=2, precision=args.precision, mechanism=mech, seed=int(seed), backbone=backbone,
                 backbone_kwargs=backbone_kwargs_for(backbone, args), spec=spec, data=data_kwargs(args),
                 train_size=args.train_size, test_size=args.test_size, epochs=args.epochs,
-                batch_size=args.batch_size, lr=args.lr, eval_images=args.eval_images, steps=args.steps,
+                batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, eval_images=args.eval_images, steps=args.steps,
                 min_explain_size=args.min_explain_size, timing_reps=args.timing_reps)
 
 
@@ -105,7 +109,7 @@ def build_module(mech: str, backbone: str, args, checkpoint_path=None):
     mk.update(spec.get("model_kwargs", {}))
     kw = dict(model=mech, model_kwargs=mk, num_classes=args.num_classes, multilabel=False,
               optimizer={"name": "adamw", "lr": args.lr, "weight_decay": 0.05},
-              scheduler={"name": "cosine", "eta_min": 1e-5})
+              scheduler={"name": "cosine", "interval": "step", "warmup": args.warmup, "eta_min": 1e-5})
     kw.update(spec.get("init", {}))
     if checkpoint_path:
         kw["checkpoint_path"] = checkpoint_path
@@ -126,7 +130,7 @@ def fit(module, train_set, seed: int, args) -> float:
     pl.seed_everything(seed, workers=False, verbose=False)
     loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True, generator=gen,
                                          drop_last=True, num_workers=0)
-    trainer = pl.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=1, logger=False,
+    trainer = pl.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=1, logger=False, precision=args.precision,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0, limit_val_batches=0, inference_mode=False,
                          default_root_dir=os.path.join(args.cache_dir, "lightning"))
@@ -192,7 +196,7 @@ def costs(module, mech: str, backbone: str, batch: dict, args) -> dict:
     return res
 
 
-def evaluate(model, test_set, args) -> dict:
+def evaluate(model, test_set, args, mech: str = "") -> dict:
     from models.explainers import create_explainer
     from models.metrics import run_interpretability
 
@@ -203,6 +207,7 @@ def evaluate(model, test_set, args) -> dict:
     explainers = ["intrinsic", "gradcam", "random", "gaussian", "fakecam", "colorcontrast", "edges",
                   ("untrained", create_explainer("untrained", model, base="gradcam", target_layers=layer)),
                   ("untrained_intrinsic", create_explainer("untrained", model, base="intrinsic"))]
+    explainers += list(EXTRA_EXPLAINERS.get(mech, ()))
     res = run_interpretability(model, loader, explainers, metrics=METRICS, progress=False, sanity=False,
                                steps=args.steps, target_layers=layer, target="label")
     return dict(explain_layer=layer, explain_layer_size=list(size), means={k: dict(v) for k, v in res.items()},
@@ -233,7 +238,7 @@ def train_and_eval(mech: str, seed: int, backbone: str, args, cache: H.RunCache)
         os.makedirs(args.cache_dir, exist_ok=True)
         save_weights(model, baseline_weights_path(seed, backbone, args))
     correct = accuracy(model, test_set)
-    ev = evaluate(model, test_set, args)
+    ev = evaluate(model, test_set, args, mech)
     batch = next(iter(torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=False)))
     cost = costs(module, mech, backbone, batch, args)
     return dict(mechanism=mech, seed=seed, backbone=backbone, acc=100.0 * float(np.mean(correct)), correct=correct,
@@ -265,12 +270,21 @@ def aggregate(runs: dict) -> tuple:
         rows.append(H.summary_row(mech, bb, "-", "acc", [r["acc"] for r in rs]))
         for k in ("train_step_ratio", "inference_ratio"):
             rows.append(H.summary_row(mech, bb, "-", k, [r["costs"][k] for r in rs]))
-        for e in EXPLAINED + CONTROLS:
+        for e in EXPLAINED + CONTROLS + tuple(EXTRA_EXPLAINERS.get(mech, ())):
             for m in METRICS:
                 vals = [r["means"].get(e, {}).get(m) for r in rs]
                 nat = rs[0].get("maps", {}).get(e, {}).get("native_resolution") if rs[0].get("maps") else None
                 rows.append(H.summary_row(mech, bb, e, m, vals, control=e in CONTROLS,
                                           native_resolution=nat))
+        for e in EXTRA_EXPLAINERS.get(mech, ()):  # issue 18: the wrapper against the explainer it wraps
+            ref = EXTRA_CLAIMS[e]
+            for m in METRICS:
+                a = [_vals(r["per_item"].get(e, {}).get(m, [])) for r in rs]
+                b = [_vals(r["per_item"].get(ref, {}).get(m, [])) for r in rs]
+                if all(len(x) and len(x) == len(y) for x, y in zip(a, b)):
+                    claims.append(H.claim_row(f"{e} better on {LABELS[m]} than {ref} ({mech}, {bb})", m, a, b,
+                                              +1 if HIGHER[m] else -1, mechanism=mech, backbone=bb, explainer=e,
+                                              primary=m in ("ag", "del")))
         base = runs.get(("baseline", bb))
         if mech == "baseline" or not base:
             continue
@@ -344,7 +358,8 @@ def plot(rows, path: str) -> None:
 def write_outputs(rows, claims, ctrl, runs, args, skipped, wall) -> None:
     meta = dict(protocol=dict(image_size=args.image_size, num_classes=args.num_classes, train_size=args.train_size,
                               test_size=args.test_size, eval_images=args.eval_images, epochs=args.epochs,
-                              batch_size=args.batch_size, lr=args.lr, optimizer="adamw wd 0.05, cosine",
+                              batch_size=args.batch_size, lr=args.lr, optimizer=f"adamw wd 0.05, {args.warmup}-step warm-up, per-step cosine",
+                              precision=args.precision,
                               steps=args.steps, min_explain_size=args.min_explain_size, backbone=args.backbone,
                               backbone_kwargs=args.backbone_kwargs),
                 seeds=args.seeds, quick=args.quick, not_in_protocol=skipped, wall_seconds=round(wall, 1),
@@ -364,7 +379,7 @@ def write_outputs(rows, claims, ctrl, runs, args, skipped, wall) -> None:
           f"Command: `{meta['command']}`; wall time of this invocation {wall / 60:.1f} min (cached runs are "
           "not re-trained).", "",
           f"Protocol: shapes benchmark, {args.num_classes} classes, {args.image_size} px, {args.train_size} training "
-          f"images, {args.epochs} epochs, batch {args.batch_size}, AdamW lr {args.lr:g} (cosine), seeds "
+          f"images, {args.epochs} epochs, batch {args.batch_size}, AdamW lr {args.lr:g} ({args.warmup}-step warm-up, per-step cosine, {args.precision}), seeds "
           f"{args.seeds}; interpretability on the first {args.eval_images} test images (ground-truth class, "
           f"insertion/deletion with {args.steps} steps); Grad-CAM at the deepest tap >= {args.min_explain_size}x"
           f"{args.min_explain_size}. Mean over seeds [95 % t-interval over seeds; '(no CI)' with one seed].", "",
@@ -413,7 +428,10 @@ def main(argv=None) -> int:
     p.add_argument("--eval-batch", type=int, default=50)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=3e-3, help="AdamW peak lr (the main job's)")
+    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps before the per-step cosine")
+    p.add_argument("--precision", default="32-true", help="Lightning precision of training (fp32 by default: "
+                   "guided gradients differentiate a gradient, and every mechanism trains alike)")
     p.add_argument("--steps", type=int, default=16, help="insertion/deletion steps")
     p.add_argument("--min-explain-size", type=int, default=7)
     p.add_argument("--vit-patch", type=int, default=8)

@@ -40,6 +40,9 @@ def test_leaderboard_quick_schema_and_cache(tmp_path):
         assert (mech, "-", "acc") in keys and (mech, "-", "train_step_ratio") in keys
         for e in ("intrinsic", "gradcam", "random", "gaussian", "fakecam", "colorcontrast", "edges", "untrained"):
             assert (mech, e, "ag") in keys and (mech, e, "del") in keys and (mech, e, "miou") in keys
+    for e in ("ucag:gradcam", "rsp"):  # issue 18's explainers on the baseline, with their paired claim vs Grad-CAM
+        assert ("baseline", e, "ag") in keys and ("guided_gradients", e, "ag") not in keys
+        assert any(c["explainer"] == e and c["mechanism"] == "baseline" for c in data["claims"])
     ctrl = {r["explainer"] for r in rows if r["control"]}
     assert ctrl == {"random", "gaussian", "fakecam", "colorcontrast", "edges", "untrained", "untrained_intrinsic"}
     base_ratio = [r for r in rows if r["mechanism"] == "baseline" and r["metric"] == "train_step_ratio"][0]
