@@ -60,6 +60,11 @@ SPECS = {
                   model_kwargs=dict(num_attributes=8, attr_channels=64, attr_hidden=192, fuse_layers=3,
                                     drop_path_rate=0.1)),
 }
+#: mechanisms measured on their own benchmark by their own experiment (same harness statistics: seeds, t-intervals,
+#: paired claims, verdicts by code): the leaderboard imports their accuracy rows and claims instead of retraining them
+#: (MAXNet is 3D: the MNI atrophy benchmark; X-Pruner prunes a trained ViT at FLOPs budgets)
+IMPORTED = {"maxnet": os.path.join(ROOT, "docs", "results", "maxnet.json"),
+            "xpruner": os.path.join(ROOT, "docs", "results", "xpruner.json")}
 #: trainer classes the leaderboard may build (an allow-list: never a class path read from a file)
 TRAINERS = {s["trainer"] for s in SPECS.values()}
 METRICS = ("ad", "ag", "ai", "ins", "del", "pg", "epg", "miou")
@@ -355,7 +360,25 @@ def plot(rows, path: str) -> None:
     os.replace(tmp, path)
 
 
+def imported_results() -> dict:
+    """``{mechanism: {"source", "rows", "claims"}}`` from each ``IMPORTED`` experiment JSON that exists (accuracy-like
+    rows and every claim, tagged with their source file)."""
+    out = {}
+    for mech, path in IMPORTED.items():
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            data = json.load(f)
+        src = os.path.relpath(path, ROOT)
+        rows = [dict(r, source=src) for r in data.get("rows", []) if str(r.get("metric", "")).startswith("acc")
+                or r.get("metric") == "FLOPs %"]
+        claims = [dict(c, mechanism=c.get("mechanism", mech), source=src) for c in data.get("claims", [])]
+        out[mech] = dict(source=src, rows=rows, claims=claims)
+    return out
+
+
 def write_outputs(rows, claims, ctrl, runs, args, skipped, wall) -> None:
+    imported = {} if args.quick else imported_results()
     meta = dict(protocol=dict(image_size=args.image_size, num_classes=args.num_classes, train_size=args.train_size,
                               test_size=args.test_size, eval_images=args.eval_images, epochs=args.epochs,
                               batch_size=args.batch_size, lr=args.lr, optimizer=f"adamw wd 0.05, {args.warmup}-step warm-up, per-step cosine",
@@ -369,7 +392,10 @@ def write_outputs(rows, claims, ctrl, runs, args, skipped, wall) -> None:
                 schema="rows: mechanism, backbone, explainer, metric, mean, ci95_low, ci95_high, n_seeds, control; "
                        "mean over seeds, t-interval over seeds (NaN with one seed); claims: paired mechanism - "
                        "baseline on the same images (models.metrics.stats.paired_diff_across_seeds)")
-    H.atomic_write_json(args.json, dict(meta=meta, rows=rows, claims=claims, beats_best_control=ctrl))
+    H.atomic_write_json(args.json, dict(meta=meta, rows=rows, claims=claims, beats_best_control=ctrl,
+                                        imported={m: dict(source=v["source"]) for m, v in imported.items()},
+                                        imported_rows=[r for v in imported.values() for r in v["rows"]],
+                                        imported_claims=[c for v in imported.values() for c in v["claims"]]))
     png = os.path.splitext(args.md)[0] + ".png"
     plot(rows, png)
     main = [r for r in rows if r["explainer"] == "-"]
@@ -401,6 +427,13 @@ def write_outputs(rows, claims, ctrl, runs, args, skipped, wall) -> None:
         md.append(f"| {m} | {b} | {e} | " + " | ".join(str(v.get(k) or "–") for k in METRICS) + " |")
     md += ["", "## Paired verdicts: mechanism − baseline on the same images", "",
            H.claims_markdown(claims) if claims else "(no mechanism with a baseline on the same backbone)", ""]
+    for mech, v in imported.items():
+        md += [f"## {mech}: on its own benchmark (imported from `{v['source']}`)", "",
+               "Trained and evaluated by its own experiment with the same harness statistics (seeds, t-intervals over "
+               "seeds, paired claims, verdicts by code); see that report for its controls and interpretability.", "",
+               H.rows_markdown(v["rows"], sorted({r["metric"] for r in v["rows"]}), digits=2), "",
+               H.claims_markdown(v["claims"]) if v["claims"] else "(no claims)", ""]
+    skipped = [m for m in skipped if m not in imported]
     if skipped:
         md += ["Registered but not in the protocol yet (no entry in `SPECS`): " + ", ".join(skipped), ""]
     extra = getattr(args, "extra_md", "")
