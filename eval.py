@@ -273,9 +273,14 @@ def evaluate_interpretability(model: torch.nn.Module, loader, args, out_dir: str
                                iou_threshold=thr, examples=args.grid_images,
                                target_layers=parse_target_layers(getattr(args, "target_layers", None)))
     stem = os.path.join(out_dir, f"interpretability_{args.split}")
-    save_json(res, stem + ".json", model=model_name, split=args.split)
+    intervals = interval_summary(res)
+    save_json(res, stem + ".json", model=model_name, split=args.split, intervals=intervals)
     table = write_markdown_table(res, stem + ".md", model_name=model_name,
                                  title=f"Interpretability: {model_name}, {args.split} split")
+    iv_table = format_intervals(intervals)
+    with open(stem + ".md", "a") as f:
+        f.write("\n" + iv_table)
+    table += "\n" + iv_table
     files = [stem + ".json", stem + ".md"]
     if args.grid_images > 0 and res.examples.get("maps"):
         names = getattr(loader.dataset, "class_names", None)
@@ -294,7 +299,66 @@ def evaluate_interpretability(model: torch.nn.Module, loader, args, out_dir: str
     for name, info in (res.meta.get("maps") or {}).items():
         if info.get("status") not in (None, "ok"):
             print(f"note: {name}: {info['status']}")
-    return {"results": dict(res), "meta": res.meta, "files": files}
+    return {"results": dict(res), "meta": res.meta, "intervals": intervals, "files": files}
+
+
+#: what the intervals of one evaluated model carry (eval.py evaluates one checkpoint = one training seed)
+INTERVAL_NOTE = ("image-level interval only: percentile bootstrap over the evaluated images (2000 resamples) of one "
+                 "trained model; training variance (seeds) is not captured -- experiments/ use "
+                 "models.metrics.stats.paired_diff_across_seeds for that")
+
+
+def interval_summary(res) -> Dict[str, Any]:
+    """``models.metrics.stats.versus_best_control`` on the runner's per-item values: per metric, each explainer's
+    mean with a 95 % image-bootstrap interval and its paired difference to the best non-degenerate control."""
+    from models.metrics import METRIC_INFO
+    from models.metrics.stats import versus_best_control
+
+    hib = {k: v[1] for k, v in METRIC_INFO.items() if not k.startswith("time")}
+    return {"note": INTERVAL_NOTE, "degenerate_controls": ["fakecam"],
+            "metrics": versus_best_control(res.per_item, res.meta.get("controls") or [], hib)}
+
+
+def format_intervals(intervals: Dict[str, Any], digits: int = 1) -> str:
+    """Two markdown tables: mean [95 % CI] per explainer x metric, and explainer - best control [95 % CI]."""
+    from models.metrics import METRIC_INFO
+
+    per = intervals.get("metrics") or {}
+    if not per:
+        return ""
+    ms = list(per)
+    head = [METRIC_INFO[m][0] + ("↑" if METRIC_INFO[m][1] else "↓") for m in ms]
+    names = list(dict.fromkeys(e for m in ms for e in per[m]["explainers"]))
+
+    def cell(r):
+        if r is None or r.get("n", 1) == 0 or r.get("mean") is None or r["mean"] != r["mean"]:
+            return "–"
+        lo, hi = r.get("ci95_low"), r.get("ci95_high")
+        if lo is None or hi is None or lo != lo or hi != hi:
+            return f"{r['mean']:.{digits}f}"
+        return f"{r['mean']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+    lines = [f"Mean [95 % CI] per metric ({intervals.get('note', INTERVAL_NOTE)}).", "",
+             "| Method | " + " | ".join(head) + " |", "|" + "---|" * (len(ms) + 1)]
+    for e in names:
+        ctrl = any(per[m]["explainers"].get(e, {}).get("control") for m in ms)
+        lines.append(f"| {e}{' (control)' if ctrl else ''} | "
+                     + " | ".join(cell(per[m]["explainers"].get(e)) for m in ms) + " |")
+    lines += ["", "Paired difference explainer − best non-degenerate control (Fake-CAM excluded), same images, "
+              "[95 % image-bootstrap CI]; beats: yes / no / unclear = the interval excludes 0 on the better side / "
+              "on the worse side / neither.", "",
+              "| Method | " + " | ".join(head) + " |", "|" + "---|" * (len(ms) + 1),
+              "| *best control* | " + " | ".join(per[m]["best_control"] or "–" for m in ms) + " |"]
+    for e in names:
+        rows = [per[m]["explainers"].get(e) or {} for m in ms]
+        if any(r.get("control") for r in rows):
+            continue
+        cells = []
+        for r in rows:
+            d = r.get("vs_best_control")
+            cells.append("–" if d is None else f"{cell(d)} {d['beats']}")
+        lines.append(f"| {e} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _describe(model, model_name: str, args) -> str:

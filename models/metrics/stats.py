@@ -36,7 +36,7 @@ from typing import Dict, Sequence
 import numpy as np
 
 __all__ = ["paired_bootstrap_ci", "seed_interval", "paired_diff_across_seeds", "verdict", "t_quantile",
-           "VERDICTS"]
+           "VERDICTS", "bootstrap_ci", "versus_best_control"]
 
 VERDICTS = ("supported", "contradicted", "inconclusive")
 
@@ -165,3 +165,49 @@ def verdict(ci_low: float, ci_high: float, direction: int = +1) -> str:
     if hi < 0:
         return "supported" if direction < 0 else "contradicted"
     return "inconclusive"
+
+
+def bootstrap_ci(values, n_boot: int = 2000, ci: float = 0.95, seed: int = 0) -> Dict[str, float]:
+    """Percentile-bootstrap interval of the mean of per-image ``values`` (NaN dropped; images resampled):
+    ``dict(mean, ci95_low, ci95_high, n)``. One model = one training seed: an image-level interval only."""
+    v = _arr(values, "values")
+    v = v[~np.isnan(v)]
+    r = paired_bootstrap_ci(v, np.zeros_like(v), n_boot=n_boot, ci=ci, seed=seed) if v.size else \
+        _nan_result(float("nan"))
+    r["n"] = int(v.size)
+    return r
+
+
+def versus_best_control(per_item, controls: Sequence[str], higher_is_better, degenerate: Sequence[str] = ("fakecam",),
+                        n_boot: int = 2000, ci: float = 0.95, seed: int = 0) -> Dict[str, dict]:
+    """Per metric: every explainer's mean with its image-bootstrap interval, and each non-control explainer's paired
+    difference to the best *non-degenerate* control (issue 14 item 2) on the same images.
+
+    ``per_item``: ``{explainer: {metric: [value per item]}}`` (``run_interpretability(...).per_item``: item order
+    shared by all explainers, NaN = not scored); ``controls``: the control explainers; ``higher_is_better``:
+    ``{metric: bool}`` (metrics missing from it are skipped). Controls named in ``degenerate`` (Fake-CAM games
+    AD/AI by construction) and controls without any scored item on a metric (constant maps, refused localisation)
+    are not candidates. The best control is the one with the best mean; the difference ``explainer - control``
+    gets :func:`paired_bootstrap_ci` and ``beats`` = ``"yes"`` / ``"no"`` / ``"unclear"`` (the interval excludes 0
+    in the better / worse direction, or not). Returns ``{metric: {"best_control": name or None, "explainers":
+    {name: dict(mean, ci95_low, ci95_high, n, control, vs_best_control=dict(mean, ci95_low, ci95_high, beats)
+    or None)}}}``.
+    """
+    controls = set(controls or ())
+    metrics = [m for m in dict.fromkeys(k for row in per_item.values() for k in row) if m in higher_is_better]
+    out: Dict[str, dict] = {}
+    for m in metrics:
+        hib = bool(higher_is_better[m])
+        rows = {e: bootstrap_ci(per_item[e][m], n_boot, ci, seed) for e in per_item if m in per_item[e]}
+        cands = [e for e in rows if e in controls and e not in degenerate and rows[e]["n"] > 0]
+        best = (max if hib else min)(cands, key=lambda e: rows[e]["mean"]) if cands else None
+        for e, r in rows.items():
+            r["control"] = e in controls
+            r["vs_best_control"] = None
+            if best is not None and e not in controls and r["n"] > 0:
+                d = paired_bootstrap_ci(per_item[e][m], per_item[best][m], n_boot, ci, seed)
+                v = verdict(d["ci95_low"], d["ci95_high"], +1 if hib else -1)
+                d["beats"] = {"supported": "yes", "contradicted": "no"}.get(v, "unclear")
+                r["vs_best_control"] = d
+        out[m] = {"best_control": best, "higher_is_better": hib, "explainers": rows}
+    return out
