@@ -27,8 +27,10 @@ randomised end point cannot separate them either (guided backprop 0.25, Grad-CAM
 the BatchNorm statistics kept every map keeps some input structure, and a fully random ResNet-18 keeps guided
 backprop at 1.0). ``mean_over_steps`` and the end point are still reported. A method flagged by this rule is
 not explaining the classifier's decision, whatever its name: on an 8x8 ResNet-10t layer Grad-CAM++ (head step
-0.93) is flagged with guided backprop (0.95), because its channel weights are non-negative by construction
-(``relu`` of the gradients), so after a random head it still sums the same activations.
+0.87-0.95 over 3 seeds) is flagged with guided backprop (0.93-0.95), because its channel weights are non-negative
+by construction (``relu`` of the gradients), so after a random head it still sums the same activations; Grad-CAM
+(0.10-0.44), RSP, XRelevance-CAM (0.45-0.58) and Score-CAM (0.61-0.74, the closest) are not. The threshold was
+set after seeing those curves (docs/metrics.md, docs/results/ucag_rsp.md).
 
 **Layer-dropout ranking** (seed 002 §5.4): the explainers' ranking on a metric with the model as trained vs
 the mean over ``repeats`` passes with dropout (rate ``p``) after every backbone stage turned on at evaluation
