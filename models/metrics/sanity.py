@@ -227,9 +227,12 @@ def plot_sanity(results: Dict[str, dict], path: str, title: str = "Cascading ran
     keys = [k for k in ("mean_spearman", "mean_ssim") if any(k in r for r in results.values())]
     fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 3.8), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        for name, r in results.items():
-            if key in r:
-                ax.plot(range(len(r[key])), r[key], marker="o", label=name + (" (flagged)" if r.get("flagged") else ""))
+        for i, (name, r) in enumerate(results.items()):
+            if key in r:  # tab10 repeats after 10 lines: later ones dashed
+                ax.plot(range(len(r[key])), r[key], marker="o", ls="-" if i < 10 else "--",
+                        label=name + (" (flagged)" if r.get("flagged") else ""))
+        if key == "mean_spearman":
+            ax.axhline(FLAG_THRESHOLD, color="grey", lw=0.8, ls=":")
         first = next(iter(results.values()))
         ax.set_xticks(range(len(first["steps"])))
         ax.set_xticklabels(first["steps"], rotation=30, ha="right")
