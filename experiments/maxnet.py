@@ -373,7 +373,8 @@ def main(argv=None):
         for arm in args.arms.split(","):
             if arm not in ARMS:
                 raise SystemExit(f"unknown arm {arm!r}; choose from {ARMS}")
-            cfg = dict(exp="maxnet", arm=arm, seed=seed, v=1, **cfg_common)
+            # v2: MAXNet prototypes start at N(0.5, 0.1) (models/maxnet.py prototype_init); the plain CNN is unchanged
+            cfg = dict(exp="maxnet", arm=arm, seed=seed, v=1 if arm == "cnn" else 2, **cfg_common)
             hit = cache.get(cfg)
             if hit is None:
                 if args.max_minutes and (time.time() - t_start) / 60 > args.max_minutes:

@@ -373,3 +373,23 @@ def test_reset_classifier_rebuilds_class_prototypes():
     assert torch.all(m.fc.weight[own] == 1) and torch.all(m.fc.weight[~own] == -0.5)
     assert torch.equal(m.latent.weight, latent)
     assert m(torch.rand(2, *size)).shape == (2, 5)
+
+
+def test_prototype_init_starts_near_the_latents():
+    """Default prototypes are N(0.5, 0.1) (official code), near the sigmoid latents (~0.5): the mean squared distance
+    is ~0.01 D_p. U(0, 1) (``prototype_init="uniform"``) starts ~D_p / 12 away. There ``-log(d + eta)`` hardly
+    differs between volumes, and 2 of 3 MNI runs stayed at chance (docs/maxnet.md)."""
+    x = torch.rand(4, 1, 16, 16, 16, generator=torch.Generator().manual_seed(3))
+    rel = {}
+    for init in ("normal", "uniform"):
+        m = tiny(latent_dim=256, prototypes_per_class=10, prototype_init=init).train()
+        with torch.no_grad():
+            rel[init] = float(m.run(x)["dist"].mean()) / 256
+        if init == "normal":
+            p = m.prototypes.detach()
+            assert abs(float(p.mean()) - 0.5) < 0.01 and abs(float(p.std()) - 0.1) < 0.01
+            m.reset_classifier(3)  # the rebuilt head keeps the init
+            assert abs(float(m.prototypes.detach().std()) - 0.1) < 0.01
+    assert rel["normal"] < 0.03 and rel["uniform"] > 0.07, rel
+    with pytest.raises(ValueError, match="prototype_init"):
+        tiny(prototype_init="zeros")
