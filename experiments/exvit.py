@@ -58,19 +58,24 @@ def parse(argv=None):
     p.add_argument("--val-size", type=int, default=100)
     p.add_argument("--test-size", type=int, default=200)
     p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--backbone", default="deit_tiny_patch16_224")
-    p.add_argument("--embed-dim", type=int, default=64)
-    p.add_argument("--heads", type=int, default=2)
-    p.add_argument("--depth", type=int, default=3)
+    p.add_argument("--embed-dim", type=int, default=192, help="default: the ViT recipe (docs/vit_recipe.md)")
+    p.add_argument("--heads", type=int, default=3)
+    p.add_argument("--depth", type=int, default=4)
     p.add_argument("--patch", type=int, default=8)
-    p.add_argument("--backbone-weights", default=None, help="local pretrained ViT weights (safetensors/state dict)")
+    p.add_argument("--conv-stem", type=int, nargs="*", default=[24, 48, 96],
+                   help="conv-stem widths of the ViT (models/vit_stem.py); no value: timm's patchify conv")
+    p.add_argument("--backbone-weights", default=None,
+                   help="local pretrained ViT weights (safetensors/state dict/zoo checkpoint), e.g. the recipe ViT "
+                        "checkpoints/baseline_synthetic_vit/checkpoints/best.ckpt (python train.py fit --config "
+                        "configs/baseline/synthetic_vit.yaml): the variants then fine-tune from it")
     p.add_argument("--attributes", type=int, default=8)
     p.add_argument("--channels", type=int, default=64)
     p.add_argument("--fuse-layers", type=int, default=3)
     p.add_argument("--lr", type=float, default=1e-3, help="lr of the new parts")
     p.add_argument("--encoder-lr", type=float, default=1e-3,
-                   help="encoder lr (paper: 5e-5 for a pretrained encoder; we train from scratch)")
+                   help="encoder lr (paper: 5e-5 for its ImageNet-pretrained encoder)")
     p.add_argument("--momentum", type=float, default=0.99)
     p.add_argument("--aug-scale", type=float, nargs=2, default=(0.75, 1.5))
     p.add_argument("--multiscale", action="store_true", help="class maps at scales 0.5-2.0 + flip (§8)")
@@ -90,7 +95,8 @@ def model_kwargs(a):
     return dict(backbone=a.backbone, backbone_weights=a.backbone_weights, drop_path_rate=0.1, num_attributes=a.attributes, attr_channels=a.channels,
                 attr_hidden=a.embed_dim * 2, fuse_layers=a.fuse_layers,
                 backbone_kwargs=dict(img_size=a.image_size, patch_size=a.patch, embed_dim=a.embed_dim,
-                                     num_heads=a.heads, depth=a.depth))
+                                     num_heads=a.heads, depth=a.depth,
+                                     **({"conv_stem": list(a.conv_stem)} if getattr(a, "conv_stem", None) else {})))
 
 
 def train_variant(key, a, dm):
@@ -341,7 +347,8 @@ def control_row(name, a, val, test, seed):
     from models.explainers import create_explainer
 
     torch.manual_seed(seed)
-    model = create_model("exvit", num_classes=a.num_classes, **model_kwargs(a)).eval()
+    mk = dict(model_kwargs(a), backbone_weights=None)  # untrained: no pretrained encoder either
+    model = create_model("exvit", num_classes=a.num_classes, **mk).eval()
     exp = None if name == "untrained" else create_explainer(name, model)
 
     def ev(ds):
@@ -387,6 +394,14 @@ def main_seeds(a, argv):
     skip = {"seeds", "quick", "cache_dir", "no_cache", "legacy", "jobs", "threads", "out", "variants",
             "with_baseline"}
     base_cfg = {k: v for k, v in vars(a).items() if k not in skip}
+    if a.backbone_weights:  # the cache key follows the weights' content, not only their path
+        if not os.path.isfile(a.backbone_weights):
+            raise SystemExit(f"--backbone-weights {a.backbone_weights!r} does not exist; train the recipe ViT first: "
+                             "python train.py fit --config configs/baseline/synthetic_vit.yaml")
+        import hashlib
+
+        with open(a.backbone_weights, "rb") as f:
+            base_cfg["backbone_weights_sha256"] = hashlib.sha256(f.read()).hexdigest()
     data = {}
 
     def ctx():
@@ -437,7 +452,10 @@ def main_seeds(a, argv):
     intro = (f"Command: `{cmd.strip()}` ({(time.time() - t0) / 60:.1f} min in this invocation; cached runs are not "
              f"re-trained). {'**QUICK SMOKE RUN: numbers are meaningless.** ' if a.quick else ''}\n\n"
              f"Multi-label shapes, K = {a.num_classes}, {a.image_size} px, {a.train_size} training images, "
-             f"{a.epochs} epochs; ViT {a.embed_dim}-d, {a.heads} heads, depth {a.depth}, patch {a.patch}; training "
+             f"{a.epochs} epochs; ViT {a.embed_dim}-d, {a.heads} heads, depth {a.depth}, patch {a.patch}, "
+             f"{'conv stem ' + str(list(a.conv_stem)) if a.conv_stem else 'patchify stem'}; encoder "
+             f"{'fine-tuned from `' + a.backbone_weights + '` (the same pretrained encoder for every seed, as the paper starts every run from one ImageNet DeiT; seeds vary the fine-tuning)' if a.backbone_weights else 'trained from scratch'}; "
+             f"batch {a.batch_size}, lr {a.lr} (encoder {a.encoder_lr}); training "
              f"seeds {a.seeds}. Localisation mIoU of pseudo masks (GT image labels, tau chosen on val; §9). Controls "
              f"(class-agnostic maps through the same pseudo-mask protocol): colour contrast `|x - mean colour|`, edge "
              f"energy, centred Gaussian, random, and the class maps of an untrained (re-initialised) eX-ViT. mIoU is "

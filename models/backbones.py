@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from .weights import WeightLoadError, read_state_dict
 
 __all__ = ["Backbone", "create_backbone", "list_backbones", "CNN3D", "SUGGESTED_BACKBONES", "backbone_state_dict",
-           "wrap_feature_module"]
+           "wrap_feature_module", "vit_stem_kwargs"]
 
 #: backbones the zoo is tested with (any timm model with ``features_only`` support works).
 SUGGESTED_BACKBONES = ("resnet18", "resnet50", "convnext_tiny", "convnext_small", "vgg11_bn", "mobilenetv2_100",
@@ -153,6 +153,7 @@ class Backbone(nn.Module):
             raise ValueError(f"Unknown backbone {name!r}: not a timm model nor one of {list(_CUSTOM)}. "
                              f"Similar timm names: {', '.join(close) or 'none'}. "
                              f"Tested backbones: {', '.join(SUGGESTED_BACKBONES)}.")
+        timm_kwargs = vit_stem_kwargs(name, timm_kwargs)
         kwargs = dict(features_only=True, in_chans=in_chans, **timm_kwargs)
         if out_indices is not None:
             kwargs["out_indices"] = tuple(out_indices)
@@ -372,6 +373,31 @@ def create_backbone(name: str = "resnet18", **kwargs) -> Backbone:
     return Backbone(name, **kwargs)
 
 
+def vit_stem_kwargs(name: str, kw: dict) -> dict:
+    """Copy of timm kwargs ``kw`` with the zoo's ViT option ``conv_stem: [w1, w2, ...]`` (JSON-able: stem widths)
+    turned into timm's own ``embed_layer`` argument (:class:`models.vit_stem.ConvStemPatchEmbed`, Xiao et al.
+    2021): same token grid and blocks, a conv stem instead of the patchify conv. Other kwargs pass through."""
+    kw = dict(kw)
+    stem = kw.pop("conv_stem", None)
+    if stem is None or stem is False:
+        return kw
+    if "embed_layer" in kw:
+        raise ValueError("pass either conv_stem or embed_layer, not both.")
+    if not isinstance(stem, (list, tuple)) or not stem or not all(type(c) is int for c in stem):
+        raise ValueError(f"conv_stem takes a list of stem widths (ints, one stride-2 3x3 conv each), e.g. "
+                         f"[24, 48, 96] for patch 8; got {stem!r}.")
+    import timm
+    from timm.models import model_entrypoint
+
+    if timm.is_model(name) and model_entrypoint(name).__module__ not in ("timm.models.vision_transformer",
+                                                                        "timm.models.deit"):
+        raise ValueError(f"conv_stem applies to timm VisionTransformer models (vit_*/deit_*), not {name!r}.")
+    from .vit_stem import conv_stem_embed_layer
+
+    kw["embed_layer"] = conv_stem_embed_layer(stem)
+    return kw
+
+
 def create_timm_vit(name: str, pretrained: bool, weights, kw: dict, who: str, examples: str,
                     extra: str = "") -> nn.Module:
     """A timm ``VisionTransformer`` for the ViT mechanisms (eX-ViT, X-Pruner): ``kw`` are timm kwargs;
@@ -381,7 +407,7 @@ def create_timm_vit(name: str, pretrained: bool, weights, kw: dict, who: str, ex
 
     if not timm.is_model(name):
         raise ValueError(f"Unknown backbone {name!r}. {who} needs a timm VisionTransformer, e.g. {examples}.")
-    kw = dict(kw)
+    kw = vit_stem_kwargs(name, kw)
     if weights:
         sd = _check_backbone_file(name, weights, kw.get("in_chans", 3), {k: v for k, v in kw.items() if k != "num_classes"})
         kw.update(pretrained=True, pretrained_cfg_overlay=dict(state_dict=sd))  # zoo checkpoints converted
