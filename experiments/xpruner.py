@@ -40,6 +40,11 @@ class _TimeUp(Exception):
     pass
 
 
+def methods_at(args, budget):
+    """The methods run at ``budget``: the four of Table 5.4, plus the literal oracle-gate X-Pruner ablation."""
+    return METHODS + (("xpruner_oracle",) if any(abs(budget - b) < 1e-9 for b in args.ablation_budgets) else ())
+
+
 def parse():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     H.add_common_args(p, default_out=OUT)
@@ -62,6 +67,20 @@ def parse():
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--mask-lr", type=float, default=0.02, help="stage-1 mask lr (Adam; the paper's SGD 0.01 hardly "
                    "moves the masks in a few hundred steps)")
+    p.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS), help="FLOPs remained to prune to")
+    p.add_argument("--conv-stem", type=int, nargs="*", default=None,
+                   help="conv-stem widths of the ViT (models/vit_stem.py; e.g. 24 48 96), default: patchify stem")
+    p.add_argument("--base-weights", default=None,
+                   help="start from this trained ViT (zoo checkpoint / safetensors, backbone keys; e.g. the recipe in "
+                   "configs/baseline/synthetic_vit.yaml) and train only the final norm + head for --head-epochs, "
+                   "instead of --base-epochs from scratch")
+    p.add_argument("--head-epochs", type=int, default=2)
+    p.add_argument("--prune-gate", default="mean", choices=("mean", "oracle", "both"),
+                   help="gate of stage 2's CE (trainers.xpruner.XPrunerModule prune_gate): 'mean' = the deployed "
+                   "label-free network [ours, default]; 'oracle' = the ground-truth row (the paper, literal)")
+    p.add_argument("--ablation-budgets", type=float, nargs="*", default=[0.5],
+                   help="budgets at which X-Pruner is also run with the paper's literal oracle gate in stage 2 "
+                   "(row 'xpruner_oracle')")
     return p.parse_args()
 
 
@@ -119,7 +138,11 @@ def fit(module, dl, epochs):
 def model_kwargs(args):
     return dict(backbone="deit_tiny_patch16_224", backbone_kwargs=dict(
         img_size=args.image_size, patch_size=args.patch_size, embed_dim=args.embed_dim, depth=args.depth, num_heads=args.heads,
-        global_pool="avg"))
+        global_pool="avg", **({"conv_stem": list(args.conv_stem)} if args.conv_stem else {})))
+
+
+def arch_label(args):
+    return f"vit-{args.embed_dim}x{args.depth}" + ("-convstem" if args.conv_stem else "")
 
 
 @torch.no_grad()
@@ -159,11 +182,18 @@ def run_base(args, data, path):
     import models
 
     H.seed_everything(0)
-    mod = ClassificationModule(model="xpruner", model_kwargs=model_kwargs(args), num_classes=args.num_classes,
-                               freeze=["^xp\\."], optimizer={"name": "adamw", "lr": 2e-3, "weight_decay": 0.05},
-                               scheduler={"name": "cosine", "warmup": 2 if args.base_epochs > 4 else 0})
     t0 = time.time()
-    fit(mod, loader(*data["train"], args.batch_size, True, 0), args.base_epochs)
+    if args.base_weights:  # a trained ViT (backbone keys): fresh final norm + head trained on frozen blocks
+        mod = ClassificationModule(model="xpruner", model_kwargs=dict(model_kwargs(args), backbone_weights=args.base_weights),
+                                   num_classes=args.num_classes, freeze=["^xp\\.", "^vit\\.(?!norm|fc_norm|head)"],
+                                   optimizer={"name": "adamw", "lr": 2e-3, "weight_decay": 0.0},
+                                   scheduler={"name": "cosine"})
+        fit(mod, loader(*data["train"], args.batch_size, True, 0), args.head_epochs)
+    else:
+        mod = ClassificationModule(model="xpruner", model_kwargs=model_kwargs(args), num_classes=args.num_classes,
+                                   freeze=["^xp\\."], optimizer={"name": "adamw", "lr": 2e-3, "weight_decay": 0.05},
+                                   scheduler={"name": "cosine", "warmup": 2 if args.base_epochs > 4 else 0})
+        fit(mod, loader(*data["train"], args.batch_size, True, 0), args.base_epochs)
     models.save_weights(mod.model, path)
     res = evaluate(mod.model, data, args)
     res["train_seconds"] = time.time() - t0
@@ -226,11 +256,12 @@ def run_method(args, data, base_path, masks_path, seed, budget, method, cache_di
     from trainers.xpruner import XPrunerModule
 
     H.seed_everything(seed)
-    if method == "xpruner":
+    if method in ("xpruner", "xpruner_oracle"):
         probe = models.create_model("xpruner", num_classes=args.num_classes, **model_kwargs(args))
         alpha = alpha_for_flops(probe, budget)
         mod = XPrunerModule(model_kwargs=model_kwargs(args), num_classes=args.num_classes, stage="prune", alpha=alpha,
                             checkpoint_path=masks_path, rate_weighting="flops", mask_lr=0.05,
+                            prune_gate="oracle" if method == "xpruner_oracle" else args.prune_gate,
                             optimizer={"name": "adamw", "lr": 5e-4, "weight_decay": 0.05},
                             scheduler={"name": "cosine"})
         hist = []
@@ -263,7 +294,7 @@ def run_method(args, data, base_path, masks_path, seed, budget, method, cache_di
     res = finetune_eval(args, data, pruned.eval(), seed,
                         os.path.join(cache_dir, f"pruned_{method}_s{seed}_{int(budget * 100)}.safetensors"),
                         # equal weight-training budget: X-Pruner's stage 2 also trains W, so baselines fine-tune longer
-                        epochs=args.ft_epochs + (0 if method == "xpruner" else args.prune_epochs))
+                        epochs=args.ft_epochs + (0 if method.startswith("xpruner") else args.prune_epochs))
     res.update(extra)
     return res
 
@@ -275,9 +306,10 @@ def plot_rates(results, seeds, path, depth):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(BUDGETS), figsize=(4 * len(BUDGETS), 3.2), sharey=True)
+    budgets = results["__budgets__"]
+    fig, axes = plt.subplots(1, len(budgets), figsize=(4 * len(budgets), 3.2), sharey=True, squeeze=False)
     x = np.arange(depth)
-    for ax, b in zip(np.atleast_1d(axes), BUDGETS):
+    for ax, b in zip(axes.ravel(), budgets):
         rs = np.array([results[(s, b, "xpruner")]["rates_learned"] for s in seeds])
         ax.bar(x - 0.2, rs[:, 0::2].mean(0), 0.4, yerr=rs[:, 0::2].std(0), label="heads")
         ax.bar(x + 0.2, rs[:, 1::2].mean(0), 0.4, yerr=rs[:, 1::2].std(0), label="MLP units")
@@ -285,8 +317,8 @@ def plot_rates(results, seeds, path, depth):
         ax.set_title(f"{int(b * 100)} % FLOPs remained")
         ax.set_xlabel("block")
         ax.set_xticks(x)
-    np.atleast_1d(axes)[0].set_ylabel("share of units pruned")
-    np.atleast_1d(axes)[0].legend(fontsize=7)
+    axes.ravel()[0].set_ylabel("share of units pruned")
+    axes.ravel()[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -297,21 +329,22 @@ def report(args, base, masks, results, seeds, full_macs, partial=False):
     n = args.xai_images
     for metric, key in (("acc", "acc"), ("AD", "ad"), ("AG", "ag"), ("insertion", "ins")):
         v = base[key] if key == "acc" else float(np.mean(base[key]))
-        rows.append(H.summary_row("unpruned (100 %)", "vit-96x4", "gradcam", metric, [v]))
-    for b in BUDGETS:
-        for meth in METHODS:
+        rows.append(H.summary_row("unpruned (100 %)", arch_label(args), "gradcam", metric, [v]))
+    for b in args.budgets:
+        for meth in methods_at(args, b):
             rs = [results[(s, b, meth)] for s in seeds]
             tag = f"{meth} @{int(b * 100)}%"
-            rows.append(H.summary_row(tag, "vit-96x4", "gradcam", "acc", [r["acc"] for r in rs]))
-            rows.append(H.summary_row(tag, "vit-96x4", "gradcam", "acc before FT", [r["acc_before_ft"] for r in rs]))
-            rows.append(H.summary_row(tag, "vit-96x4", "gradcam", "FLOPs %",
+            rows.append(H.summary_row(tag, arch_label(args), "gradcam", "acc", [r["acc"] for r in rs]))
+            rows.append(H.summary_row(tag, arch_label(args), "gradcam", "acc before FT", [r["acc_before_ft"] for r in rs]))
+            rows.append(H.summary_row(tag, arch_label(args), "gradcam", "FLOPs %",
                                       [100 * r["macs"] / full_macs for r in rs]))
             for metric, key in (("AD", "ad"), ("AG", "ag"), ("insertion", "ins")):
-                rows.append(H.summary_row(tag, "vit-96x4", "gradcam", metric, [float(np.mean(r[key])) for r in rs]))
+                rows.append(H.summary_row(tag, arch_label(args), "gradcam", metric, [float(np.mean(r[key])) for r in rs]))
         xp = [results[(s, b, "xpruner")] for s in seeds]
-        for meth in METHODS[1:]:
+        for meth in methods_at(args, b)[1:]:
             bl = [results[(s, b, meth)] for s in seeds]
-            claims.append(H.claim_row(f"X-Pruner > {meth} @{int(b * 100)}% FLOPs", "acc",
+            name = "X-Pruner (oracle gate in stage 2, literal)" if meth == "xpruner_oracle" else meth
+            claims.append(H.claim_row(f"X-Pruner > {name} @{int(b * 100)}% FLOPs", "acc",
                                       [np.array(r["correct"]) * 100 for r in xp],
                                       [np.array(r["correct"]) * 100 for r in bl], +1))
         for metric, key, d in (("AD", "ad", -1), ("AG", "ag", +1), ("insertion", "ins", +1)):
@@ -320,11 +353,17 @@ def report(args, base, masks, results, seeds, full_macs, partial=False):
     intro = (
         ("**PARTIAL: only the seeds listed finished; rerun the command to complete.** " if partial else "") +
         f"`python experiments/xpruner.py` (seeds {seeds}). Base: timm `deit_tiny_patch16_224` narrowed to embed "
-        f"{args.embed_dim}, {args.heads} heads, depth {args.depth}, {args.image_size} px, patch {args.patch_size}, average pooling, trained from scratch "
-        f"({args.base_epochs} epochs, {args.train_size} SyntheticShapes images, {args.num_classes} classes; one base "
+        f"{args.embed_dim}, {args.heads} heads, depth {args.depth}, {args.image_size} px, patch {args.patch_size}, average pooling"
+        + (f", conv stem {args.conv_stem}" if args.conv_stem else "")
+        + (f", blocks from `{os.path.relpath(args.base_weights, H.ROOT)}` (the ViT recipe of configs/baseline/"
+           f"synthetic_vit.yaml) with a fresh final norm + head trained for {args.head_epochs} epochs on the frozen blocks"
+           if args.base_weights else f", trained from scratch ({args.base_epochs} epochs")
+        + f" ({args.train_size} SyntheticShapes images for every stage below, {args.num_classes} classes; one base "
         f"model shared by all seeds, so the intervals cover pruning / fine-tuning randomness, not base training). "
         f"Unpruned test accuracy {base['acc']:.1f} % (chance {100 / args.num_classes:.1f} %). Per seed: stage 1 "
-        f"{args.mask_epochs} epochs, stage 2 {args.prune_epochs} epochs per budget (it trains W too), X-Pruner then "
+        f"{args.mask_epochs} epochs, stage 2 {args.prune_epochs} epochs per budget (it trains W too; CE under the "
+        f"'{args.prune_gate}' gate; `xpruner_oracle` rows at {[int(100 * b) for b in args.ablation_budgets]} % use "
+        f"the paper's ground-truth-row gate), X-Pruner then "
         f"fine-tuned {args.ft_epochs} epoch(s); baselines fine-tuned {args.ft_epochs + args.prune_epochs} epochs with the "
         f"same recipe (same number of weight-update steps after the base model). Test split {args.test_size} images (accuracy), first "
         f"{n} for Grad-CAM AD/AG/insertion (target = label). FLOPs % = analytic MACs of the pruned model / unpruned.")
@@ -335,19 +374,19 @@ def report(args, base, masks, results, seeds, full_macs, partial=False):
     mk += "\n## Learned per-layer pruning rates (X-Pruner, mean over seeds)\n\n![rates](xpruner_rates.png)\n\n"
     mk += "| FLOPs remained | " + " | ".join(f"attn{i} / mlp{i}" for i in range(args.depth)) + " |\n"
     mk += "|---|" + "---|" * args.depth + "\n"
-    for b in BUDGETS:
+    for b in args.budgets:
         r = np.mean([results[(s, b, "xpruner")]["rates_learned"] for s in seeds], 0)
         mk += f"| {int(b * 100)} % | " + " | ".join(f"{r[2 * i]:.2f} / {r[2 * i + 1]:.2f}" for i in range(args.depth)) + " |\n"
     mk += "\n## Stage 2 dynamics (seed 0): soft R, hard R, β, γ at the first and last recorded step\n\n"
     mk += "| FLOPs remained | α | start (R, R_hard, β, γ) | end (R, R_hard, β, γ) |\n|---|---|---|---|\n"
-    for b in BUDGETS:
+    for b in args.budgets:
         r = results[(seeds[0], b, "xpruner")]
         h = r["history"]
         mk += (f"| {int(b * 100)} % | {r['alpha']:.3f} | {', '.join(f'{v:.3f}' for v in h[0])} | "
                f"{', '.join(f'{v:.3f}' for v in h[-1])} |\n")
     H.write_report(args.out, rows, claims, title="X-Pruner on the embedded benchmark (Tables 5.1 / 5.4 analog)",
                    intro=intro, extra_md=mk, meta=vars(args) | {"seeds": seeds})
-    plot_rates(results, seeds, args.out + "_rates.png", args.depth)
+    plot_rates(dict(results, __budgets__=args.budgets), seeds, args.out + "_rates.png", args.depth)
 
 
 def main():
@@ -365,6 +404,8 @@ def main():
     common = {k: getattr(args, k) for k in ("num_classes", "image_size", "train_size", "test_size", "xai_images",
                                             "num_distractors", "object_scale", "patch_size",
                                             "embed_dim", "depth", "heads", "base_epochs", "batch_size")}
+    if args.conv_stem or args.base_weights:  # absent for the patchify from-scratch base (older cache entries hold)
+        common.update(conv_stem=args.conv_stem, base_weights=args.base_weights, head_epochs=args.head_epochs)
 
     def check_time():
         if args.time_budget and time.time() - t0 > args.time_budget:
@@ -394,25 +435,28 @@ def main():
                 cache.put(mkey, res)
             masks[seed] = res
             print(f"[masks seed {seed}] {res['acc']}", flush=True)
-            for b in BUDGETS:
-                for meth in METHODS:
+            for b in args.budgets:
+                for meth in methods_at(args, b):
                     check_time()
                     rkey = dict(mkey, run="prune", budget=b, method=meth, prune_epochs=args.prune_epochs,
-                                ft_epochs=args.ft_epochs, v=2)
+                                ft_epochs=args.ft_epochs, v=2,
+                                **({"prune_gate": args.prune_gate} if meth == "xpruner" else {}))
                     res = cache.get_or_run(rkey, lambda: run_method(args, data, base_path, mpath, seed, b, meth, wdir))
                     results[(seed, b, meth)] = res
                     print(f"[seed {seed} {int(b * 100)}% {meth}] acc {res['acc']:.1f} (before FT "
                           f"{res['acc_before_ft']:.1f}) FLOPs {100 * res['macs'] / full_macs:.1f} % "
                           f"({time.time() - t0:.0f} s)", flush=True)
     except _TimeUp:
-        done = [s for s in args.seeds if s in masks and all((s, b, m) in results for b in BUDGETS for m in METHODS)]
+        done = [s for s in args.seeds if s in masks and all((s, b, m) in results for b in args.budgets
+                                                              for m in methods_at(args, b))]
         if done:  # a partial report over the seeds finished so far (marked as such)
             report(args, base, masks, results, done, full_macs, partial=True)
         print(f"[time budget] stopping after {time.time() - t0:.0f} s; rerun to continue (finished runs are cached)")
         sys.exit(3)
     report(args, base, masks, results, args.seeds, full_macs)
-    H.atomic_write_json(os.path.join(wdir, "latest.json"), {  # read by benchmarks/xpruner.py
-        "base": base_path, "pruned_xpruner_50": os.path.join(wdir, f"pruned_xpruner_s{args.seeds[0]}_50.safetensors")})
+    if os.path.abspath(args.out) == os.path.abspath(OUT):  # benchmarks/xpruner.py pairs it with docs/results/xpruner.json
+        H.atomic_write_json(os.path.join(wdir, "latest.json"), {
+            "base": base_path, "pruned_xpruner_50": os.path.join(wdir, f"pruned_xpruner_s{args.seeds[0]}_50.safetensors")})
     print(f"wrote {args.out}.md ({time.time() - t0:.0f} s)")
 
 

@@ -465,14 +465,26 @@ def unit_costs(model: XPruner, weighting: str = "flops") -> List[float]:
 
 
 def analytic_macs(model: XPruner, arch: Optional[dict] = None) -> Dict[str, float]:
-    """MACs of the ViT (spec §5): blocks ``N·D·(4·hd·h_l + 2·m_l) + 2·N²·hd·h_l``, plus patch embed and head."""
+    """MACs of the ViT (spec §5): blocks ``N·D·(4·hd·h_l + 2·m_l) + 2·N²·hd·h_l``, plus patch embed (or conv
+    stem) and head."""
     arch = arch or model.arch()
     D, hd, N = model.dim, model.head_dim, model.num_tokens
-    pe = model.vit.patch_embed.proj
-    n_patch = model.grid[0] * model.grid[1]
-    fixed = n_patch * pe.in_channels * pe.kernel_size[0] * pe.kernel_size[1] * D + D * model.num_classes
+    fixed = _embed_macs(model) + D * model.num_classes
     blocks = sum(N * D * (4 * hd * h + 2 * m) + 2 * N * N * hd * h for h, m in zip(arch["heads"], arch["mlp_hidden"]))
     return {"total": float(fixed + blocks), "fixed": float(fixed), "blocks": float(blocks)}
+
+
+def _embed_macs(model: XPruner) -> float:
+    """MACs of the patch embedding: timm's patchify conv, or the convs of a conv stem (``conv_stem``) then its 1x1
+    ``proj``, each output side = ceil(input side / stride)."""
+    pe = model.vit.patch_embed
+    h, w = (int(v) for v in pe.img_size)
+    total = 0.0
+    convs = [m for m in pe.modules() if isinstance(m, nn.Conv2d) and m is not pe.proj] + [pe.proj]  # data order
+    for conv in convs:
+        h, w = -(-h // conv.stride[0]), -(-w // conv.stride[1])
+        total += h * w * conv.in_channels * conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1] / conv.groups
+    return total
 
 
 def measure_flops(model: nn.Module, input_size: Sequence[int]) -> float:

@@ -230,7 +230,8 @@ def test_stage1_trainer_keeps_frozen_weights(tmp_path):
 def _stage2_run(lagr, steps=220, alpha=0.6):
     torch.manual_seed(0)
     mod = XPrunerModule(model_kwargs=KW, num_classes=C, stage="prune", alpha=alpha, theta_init_rate=0.0,
-                        lagrangian=lagr, rate_weighting="flops", lagrange_lr=0.05, theta_lr=0.02)
+                        lagrangian=lagr, rate_weighting="flops", lagrange_lr=0.05, theta_lr=0.02,
+                        prune_gate="oracle")  # the Lagrangian's property; the CE gate only changes the opposing force
     _randomize_masks(mod.model, 3)
     with torch.no_grad():
         init_thresholds(mod.model, 0.0)
@@ -259,6 +260,52 @@ def test_lagrangian_ascent_reaches_an_otherwise_unreachable_target():
     mod_d, Rs_desc = _stage2_run("descent", steps=120)
     assert max(Rs_off) < 0.3 and max(Rs_desc[-10:]) < 0.05, (max(Rs_off), Rs_desc[-10:])
     assert float(mod_d.model.xp.lagrange_gamma) < 0  # descent sends γ(α − R) -> -inf instead (reproduction 1)
+
+
+def test_oracle_gate_leaks_the_label_into_class_wise_masks():
+    """Why stage 2 trains under the label-free gate (prune_gate='mean'): labels here are pure noise, weights are
+    frozen, yet training the class-wise masks under the ground-truth-row gate fits them (the row *is* the label),
+    while the label-free class-mean gate -- what is deployed -- stays near chance."""
+    torch.manual_seed(0)
+    mod = XPrunerModule(model_kwargs=KW, num_classes=C, stage="masks", lambda_sparse=0.0, lambda_smooth=0.0,
+                        optimizer={"name": "adam", "lr": 0.1})
+    mod.train()
+    opt = mod.configure_optimizers()
+    opt = opt["optimizer"] if isinstance(opt, dict) else opt
+    x, y = torch.rand(32, 3, 32, 32), torch.randint(0, C, (32,))
+    for _ in range(40):
+        loss = mod.compute_loss({"image": x, "label": y}, "train")["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        mod.project_()
+    m = mod.model.eval()
+    with torch.no_grad():
+        oracle = float((m(x, labels=y).argmax(1) == y).float().mean())
+        mean = float((m(x, mode="mean").argmax(1) == y).float().mean())
+    assert oracle > 0.9 and mean < 0.6, (oracle, mean)
+
+
+@pytest.mark.parametrize("gate", ["mean", "oracle"])
+def test_stage2_prune_gate_trains_the_deployed_network(gate):
+    """prune_gate='mean': stage 2's CE is computed on exactly the network prune_model deploys (pruned_branch='zero';
+    independent of the labels); 'oracle' (the paper, literal) trains a label-conditioned network instead."""
+    mod = XPrunerModule(model_kwargs=dict(KW, pruned_branch="zero"), num_classes=C, stage="prune", alpha=0.4,
+                        prune_gate=gate)
+    _randomize_masks(mod.model, 2)
+    with torch.no_grad():
+        init_thresholds(mod.model, 0.4)
+    mod.eval()
+    x = torch.rand(4, 3, 32, 32)
+    y1, y2 = torch.tensor([0, 1, 2, 3]), torch.tensor([3, 2, 1, 0])
+    with torch.no_grad():
+        z1 = mod.compute_loss({"image": x, "label": y1}, "train")["logits"]
+        z2 = mod.compute_loss({"image": x, "label": y2}, "train")["logits"]
+        deployed = prune_model(mod.model, mod.model.keep_sets()).eval()(x)
+    if gate == "mean":
+        assert torch.allclose(z1, deployed, atol=1e-5) and torch.equal(z1, z2)
+    else:
+        assert not torch.allclose(z1, z2, atol=1e-3) and not torch.allclose(z1, deployed, atol=1e-3)
 
 
 def test_flops_reduction_matches_target():
@@ -296,6 +343,30 @@ def test_save_reload_identical_logits_and_registry(tmp_path):
     assert r.arch() == p.arch()
     with pytest.raises(ValueError, match="xp_arch"):
         models.xpruner.read_widths(_write_plain(tmp_path))
+
+
+def test_conv_stem_backbone_prunes_saves_counts_and_traces(tmp_path):
+    """The conv-stem ViT (``conv_stem``, models/vit_stem.py): masks act on the same blocks; pruned == masked (deploy),
+    save/reload identical, analytic MACs (stem convs included) == FlopCounterMode, and the pruned model traces."""
+    from models.export import ExplainedModel
+
+    kw = dict(KW, backbone_kwargs=dict(KW["backbone_kwargs"], conv_stem=[8, 8, 16]))
+    m = models.create_model("xpruner", num_classes=C, **kw).eval()
+    assert type(m.vit.patch_embed).__name__ == "ConvStemPatchEmbed"
+    _randomize_masks(m)
+    keep = _random_keep(m)
+    m.set_deploy_keep(keep)
+    x = torch.rand(2, 3, 32, 32)
+    p = prune_model(m).eval()
+    with torch.no_grad():
+        assert torch.allclose(p(x), m(x, mode="deploy"), atol=1e-5)
+    assert abs(measure_flops(m, (3, 32, 32)) / 2 - analytic_macs(m)["total"]) / analytic_macs(m)["total"] < 1e-3
+    assert abs(measure_flops(p, (3, 32, 32)) / 2 - analytic_macs(p)["total"]) / analytic_macs(p)["total"] < 1e-3
+    r = load_pruned(save_pruned(p, str(tmp_path / "stem.safetensors"))).eval()
+    traced = torch.jit.trace(ExplainedModel(r).eval(), (x,), check_trace=False)
+    with torch.no_grad():
+        assert torch.equal(r(x), p(x))
+        assert torch.allclose(traced(x)[0], p(x), atol=1e-5)
 
 
 def _write_plain(tmp_path):

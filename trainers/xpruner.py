@@ -2,7 +2,10 @@
 
 * ``stage="masks"`` (eq. 5.8): every timm weight frozen (kept in eval), masks trained with
   ``CE(f(x; gate_y), y) + λ_sm L_smooth + λ_sp L_sparse``; masks clamped ≥ 0 after every step.
-* ``stage="prune"`` (eqs. 5.9-5.12): ``CE(f(x; M̂_y), y) + L_R`` with learnable thresholds θ (AdamW, constant lr),
+* ``stage="prune"`` (eqs. 5.9-5.12): ``CE(f(x; gate(M̂)), y) + L_R`` -- the gate is the label-free class mean of M̂
+  (``prune_gate="mean"``, default [ours]: the network that is folded and deployed; the paper's ground-truth row
+  ``"oracle"`` lets the class-wise masks carry the label, so W learns a network that is never deployed; see
+  docs/xpruner.md) -- with learnable thresholds θ (AdamW, constant lr),
   W and M (AdamW, cosine), and the Lagrange multipliers β, γ updated by gradient **ascent** (their AdamW group has
   ``maximize=True``). At the end the kept units are calibrated to α (:func:`models.xpruner.xpruner_keep`) and, with
   ``pruned_path``, the physically pruned model is written (safetensors + per-block widths).
@@ -68,6 +71,9 @@ class XPrunerModule(ClassificationModule):
         theta_lr, lagrange_lr: lrs of θ and of β/γ (0.02); ``mask_lr``: stage-2 mask lr (default = optimizer lr).
         lagrangian: ``ascent`` (default) | ``descent`` (reproduction 1's bug, for the test) | ``off``.
         keep_stage1_losses: also add L_sparse/L_smooth in stage 2 (eq. 5.12 drops them).
+        prune_gate: the gate of stage 2's CE. ``"oracle"``: the ground-truth row of M̂ (the paper's eq. 5.12,
+            literal); ``"mean"`` [ours]: the label-free class mean of M̂, i.e. exactly what is folded and deployed,
+            so W and θ are trained on the network that is kept; ``"both"``: the mean of the two CEs.
         pruned_path: where stage 2 writes the physically pruned ``.safetensors`` (rank 0).
     """
 
@@ -82,7 +88,7 @@ class XPrunerModule(ClassificationModule):
                  smooth: str = "pred_graph", alpha: float = 0.5, rate_weighting: str = "flops",
                  theta_init_rate: Optional[float] = None, theta_lr: float = 0.02, lagrange_lr: float = 0.02,
                  mask_lr: Optional[float] = None, lagrangian: str = "ascent", keep_stage1_losses: bool = False,
-                 pruned_path: Optional[str] = None) -> None:
+                 pruned_path: Optional[str] = None, prune_gate: str = "mean") -> None:
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}.")
         if multilabel:
@@ -91,6 +97,8 @@ class XPrunerModule(ClassificationModule):
             raise ValueError(f"smooth must be 'pred_graph' or 'none', got {smooth!r}.")
         if lagrangian not in ("ascent", "descent", "off"):
             raise ValueError(f"lagrangian must be 'ascent', 'descent' or 'off', got {lagrangian!r}.")
+        if prune_gate not in ("oracle", "mean", "both"):
+            raise ValueError(f"prune_gate must be 'oracle', 'mean' or 'both', got {prune_gate!r}.")
         if not 0.0 <= alpha < 1.0:
             raise ValueError(f"alpha (share of prunable cost removed) must be in [0, 1), got {alpha}.")
         if stage == "masks":
@@ -108,6 +116,7 @@ class XPrunerModule(ClassificationModule):
         self.alpha, self.rate_weighting = float(alpha), rate_weighting
         self.theta_lr, self.lagrange_lr, self.mask_lr = float(theta_lr), float(lagrange_lr), mask_lr
         self.lagrangian_mode, self.keep_stage1_losses, self.pruned_path = lagrangian, keep_stage1_losses, pruned_path
+        self.prune_gate = prune_gate
         if stage == "prune":
             m = self.model
             costs = unit_costs(m, rate_weighting)
@@ -137,8 +146,14 @@ class XPrunerModule(ClassificationModule):
         if self.stage == "finetune" or stage != "train":
             logits = self.model(x)  # label-free (gate_mode of the model, "mean" by default)
             return {"loss": self.classification_loss(logits, y), "logits": logits}
-        logits = self.model(x, labels=y)  # oracle gate: the ground-truth row (eqs. 5.4-5.5)
-        ce = self.classification_loss(logits, y)
+        if self.stage == "prune" and self.prune_gate != "oracle":
+            logits = self.model(x, mode="mean")  # label-free class mean of M̂: the deployed network
+            ce = self.classification_loss(logits, y)
+            if self.prune_gate == "both":
+                ce = 0.5 * (ce + self.classification_loss(self.model(x, labels=y), y))
+        else:
+            logits = self.model(x, labels=y)  # oracle gate: the ground-truth row (eqs. 5.4-5.5)
+            ce = self.classification_loss(logits, y)
         out = {"logits": logits, "ce": ce.detach()}
         loss = ce
         if self.stage == "masks" or self.keep_stage1_losses:
