@@ -400,7 +400,7 @@ def main(argv=None):
     for (bb, err, lam), rs in runs.items():
         name = arm_name(err, lam)
         rows.append(H.summary_row(name, bb, "-", "acc", [r["acc"] for r in rs]))
-        rows.append(H.summary_row(name, bb, "-", "align", [sum(r["align"]) / len(r["align"]) for r in rs]))
+        rows.append(H.summary_row(name, bb, "-", "align", [100 * sum(r["align"]) / len(r["align"]) for r in rs]))
         for e in rs[0]["means"]:
             for m in METRICS:
                 rows.append(H.summary_row(name, bb, e, m, [r["means"][e][m] for r in rs], control=e in CONTROLS))
@@ -418,8 +418,9 @@ def main(argv=None):
         pair = lambda key, f: ([f(r) for r in rs[:n]], [f(b) for b in base[:n]])  # noqa: E731
         a, b = pair("acc", lambda r: [100 * v for v in r["correct"]])
         claims.append(H.claim_row(f"{name} keeps accuracy ({bb})", "acc", a, b, +1, primary=primary))
-        a, b = pair("align", lambda r: r["align"])
-        claims.append(H.claim_row(f"{name} aligns dL/dx with guided dL/dx ({bb})", "cos", a, b, +1, primary=primary))
+        a, b = pair("align", lambda r: [100 * v for v in r["align"]])
+        claims.append(H.claim_row(f"{name} aligns dL/dx with guided dL/dx ({bb})", "cos ×100", a, b, +1,
+                                  primary=primary))
         for cam in rs[0]["per_item"]:
             if cam in CONTROLS or cam not in base[0]["per_item"]:
                 continue
@@ -447,7 +448,7 @@ def main(argv=None):
              f"baseline and the first λ, Grad-CAM only for the other λ; controls with the baseline and the first λ. "
              f"CAM layer = deepest tap with >= {args.min_spatial}x{args.min_spatial} cells (spec §10.14): tap "
              f"{layer_info}; insertion from a {blur} blur (spec §10.15's 3x3, σ = 1 at 32 px, scaled with the image), "
-             f"deletion to black, {args.steps} steps. `align` = per-image cosine between dL/dx and "
+             f"deletion to black, {args.steps} steps. `align` = per-image cosine (x100, eval-mode BatchNorm) between dL/dx and "
              f"the guided dL/dx (the quantity L_R pushes up). Verdicts pair each arm with the baseline of the same "
              f"seed on the same images. AD is read only with AG (Fake-CAM has a near-perfect AD).")
     extra = ("## How large is the regulariser? (last-epoch means over seeds)\n\n| backbone | arm | L_C | λ·L_R | "
@@ -455,7 +456,7 @@ def main(argv=None):
     H.write_report(args.out, rows, claims, title="Guided-gradient regularisation (thesis Tables 4.1-4.2), with "
                    "seeds, intervals and controls", intro=intro, extra_md=extra,
                    meta=dict(args={k: v for k, v in vars(args).items()}, blur=blur),
-                   metrics=["acc", "align"] + list(METRICS))
+                   metrics=["acc", "align"] + list(METRICS), metric_labels={"align": "align (cos ×100)"})
     print(f"wrote {args.out}.md / .json")
 
 
