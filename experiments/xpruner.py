@@ -357,7 +357,7 @@ def report(args, base, masks, results, seeds, full_macs, partial=False):
         + (f", conv stem {args.conv_stem}" if args.conv_stem else "")
         + (f", blocks from `{os.path.relpath(args.base_weights, H.ROOT)}` (the ViT recipe of configs/baseline/"
            f"synthetic_vit.yaml) with a fresh final norm + head trained for {args.head_epochs} epochs on the frozen blocks"
-           if args.base_weights else f", trained from scratch ({args.base_epochs} epochs")
+           if args.base_weights else f", trained from scratch for {args.base_epochs} epochs")
         + f" ({args.train_size} SyntheticShapes images for every stage below, {args.num_classes} classes; one base "
         f"model shared by all seeds, so the intervals cover pruning / fine-tuning randomness, not base training). "
         f"Unpruned test accuracy {base['acc']:.1f} % (chance {100 / args.num_classes:.1f} %). Per seed: stage 1 "
@@ -371,7 +371,8 @@ def report(args, base, masks, results, seeds, full_macs, partial=False):
     for s in seeds:
         a = masks[s]["acc"]
         mk += f"| {s} | {a['mean']:.1f} | {a['two_pass_soft']:.1f} | {a['oracle']:.1f} |\n"
-    mk += "\n## Learned per-layer pruning rates (X-Pruner, mean over seeds)\n\n![rates](xpruner_rates.png)\n\n"
+    mk += (f"\n## Learned per-layer pruning rates (X-Pruner, mean over seeds)\n\n"
+           f"![rates]({os.path.basename(args.out)}_rates.png)\n\n")
     mk += "| FLOPs remained | " + " | ".join(f"attn{i} / mlp{i}" for i in range(args.depth)) + " |\n"
     mk += "|---|" + "---|" * args.depth + "\n"
     for b in args.budgets:
