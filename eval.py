@@ -29,6 +29,8 @@ import torch
 import torchmetrics
 from tqdm.auto import tqdm
 
+from models.explainers.base import parse_target_layers  # noqa: F401  (eval.parse_target_layers)
+
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
 
@@ -38,21 +40,6 @@ DEFAULT_EXPLAINERS = ("intrinsic", "gradcam", "random", "gaussian", "fakecam", "
 DEFAULT_MAX_IMAGES = 100
 #: insertion/deletion steps of the default run (the full protocol, --steps unset with --explainers, uses ceil(sqrt(P)))
 DEFAULT_STEPS = 16
-
-
-def parse_target_layers(text: Optional[str]):
-    """``"-1"`` -> -1, ``"backbone.taps.2"`` -> the name, ``"-1,-2"`` -> [-1, -2] (layer-wise aggregation)."""
-    if text is None or not str(text).strip():
-        return None
-    items = []
-    for t in str(text).replace(" ", "").split(","):
-        if not t:
-            continue
-        try:
-            items.append(int(t))
-        except ValueError:
-            items.append(t)
-    return items[0] if len(items) == 1 else items
 
 
 def _positive_int(text: str) -> int:

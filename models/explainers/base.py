@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..base import normalize_saliency, upsample_to
 
-__all__ = ["Explainer", "LayerSpec", "resolve_layers", "explain_mode", "capture_outputs", "postprocess_layer_maps"]
+__all__ = ["Explainer", "LayerSpec", "parse_target_layers", "resolve_layers", "explain_mode", "capture_outputs", "postprocess_layer_maps"]
 
 LayerSpec = Union[None, str, int, nn.Module, Sequence[Union[str, int, nn.Module]]]
 
@@ -89,6 +89,22 @@ class capture_outputs:
 
 def _module_names(model: nn.Module) -> dict:
     return {id(m): n for n, m in model.named_modules()}
+
+
+def parse_target_layers(text: Optional[str]) -> LayerSpec:
+    """Command-line spelling of a ``LayerSpec``: ``"-1"`` -> -1, ``"backbone.taps.2"`` -> the name, ``"-1,-2"`` ->
+    [-1, -2] (layer-wise aggregation); empty / None -> None."""
+    if text is None or not str(text).strip():
+        return None
+    items = []
+    for t in str(text).replace(" ", "").split(","):
+        if not t:
+            continue
+        try:
+            items.append(int(t))
+        except ValueError:
+            items.append(t)
+    return items[0] if len(items) == 1 else items
 
 
 def resolve_layers(model: nn.Module, target_layers: LayerSpec = None) -> List[nn.Module]:

@@ -385,9 +385,9 @@ def eval_checks(model: nn.Module, loader, args, out_dir: str) -> dict:
     out = {}
     layers = None
     if getattr(args, "target_layers", None) is not None:  # eval.py --target-layers
-        import importlib
+        from ..explainers.base import parse_target_layers
 
-        layers = importlib.import_module("eval").parse_target_layers(args.target_layers)
+        layers = parse_target_layers(args.target_layers)
     if args.sanity:
         out["sanity"] = evaluate_sanity(model, loader, names, out_dir, max_images=args.sanity_images,
                                         device=args.device, target=args.target, split=args.split,
