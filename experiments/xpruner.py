@@ -42,7 +42,8 @@ class _TimeUp(Exception):
 
 def methods_at(args, budget):
     """The methods run at ``budget``: the four of Table 5.4, plus the literal oracle-gate X-Pruner ablation."""
-    return METHODS + (("xpruner_oracle",) if any(abs(budget - b) < 1e-9 for b in args.ablation_budgets) else ())
+    return tuple(args.methods) + (("xpruner_oracle",) if any(abs(budget - b) < 1e-9 for b in args.ablation_budgets)
+                                  else ())
 
 
 def parse():
@@ -68,6 +69,8 @@ def parse():
     p.add_argument("--mask-lr", type=float, default=0.02, help="stage-1 mask lr (Adam; the paper's SGD 0.01 hardly "
                    "moves the masks in a few hundred steps)")
     p.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS), help="FLOPs remained to prune to")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                   help="methods to run (xpruner first; the verdicts compare it with the others)")
     p.add_argument("--conv-stem", type=int, nargs="*", default=None,
                    help="conv-stem widths of the ViT (models/vit_stem.py; e.g. 24 48 96), default: patchify stem")
     p.add_argument("--base-weights", default=None,
@@ -81,24 +84,45 @@ def parse():
     p.add_argument("--ablation-budgets", type=float, nargs="*", default=[0.5],
                    help="budgets at which X-Pruner is also run with the paper's literal oracle gate in stage 2 "
                    "(row 'xpruner_oracle')")
-    return p.parse_args()
+    # fine-tuning recipe [ours; the paper gives none for this setting]. Every pruned model (X-Pruner and baselines)
+    # gets the same recipe; baselines get the stage-2 steps on top (equal weight-update steps after the base model).
+    p.add_argument("--ft-train-size", type=int, default=None,
+                   help="training images for fine-tuning (default: --train-size). The same generator / split as the "
+                   "base ViT's training data (configs/baseline/synthetic_vit.yaml trains on 8000), so no new data")
+    p.add_argument("--ft-lr", type=float, default=5e-4, help="fine-tuning AdamW lr (per-step cosine to 0)")
+    p.add_argument("--ft-warmup", type=int, default=0, help="linear warm-up steps of the fine-tuning cosine")
+    p.add_argument("--kd", type=float, default=0.0,
+                   help="knowledge distillation from the unpruned model during fine-tuning [ours, not the paper]: "
+                   "loss = (1 - kd)·CE + kd·T²·KL(p_T(teacher) || p_T(student)); teacher logits precomputed")
+    p.add_argument("--kd-temperature", type=float, default=1.0)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for fine-tuning (Lightning bf16-mixed)")
+    p.add_argument("--unpruned-ft", action="store_true",
+                   help="control: also fine-tune the unpruned model with the baselines' recipe and steps (row "
+                   "'unpruned + FT'), so the drop is not flattered by fine-tuning the pruned model longer than the base")
+    args = p.parse_args()
+    if not args.methods or args.methods[0] != "xpruner" or len(set(args.methods)) != len(args.methods):
+        p.error(f"--methods must start with xpruner and list each method once, got {args.methods}.")
+    return args
 
 
 # ------------------------------------------------------------------------------------------------ data / training
 class DictData(torch.utils.data.Dataset):
     """Pre-rendered tensors as zoo batches; ``flip``: random horizontal flips (training)."""
 
-    def __init__(self, x, y, flip=False):
-        self.x, self.y, self.flip = x, y, flip
+    def __init__(self, x, y, flip=False, teacher=None):
+        self.x, self.y, self.flip, self.teacher = x, y, flip, teacher  # teacher: (N, 2, C) logits (plain, flipped)
 
     def __len__(self):
         return len(self.y)
 
     def __getitem__(self, i):
-        img = self.x[i]
-        if self.flip and torch.rand(()) < 0.5:
+        img, f = self.x[i], int(self.flip and torch.rand(()) < 0.5)
+        if f:
             img = img.flip(-1)
-        return {"image": img, "label": self.y[i]}
+        item = {"image": img, "label": self.y[i]}
+        if self.teacher is not None:
+            item["teacher"] = self.teacher[i, f]
+        return item
 
 
 def render(args, split, size):
@@ -123,6 +147,27 @@ def render(args, split, size):
 def loader(x, y, bs, shuffle, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(DictData(x, y, flip=shuffle), batch_size=bs, shuffle=shuffle, generator=g)
+
+
+class _StepSampler(torch.utils.data.Sampler):
+    """Exactly ``steps·bs`` indices: concatenated random permutations of ``range(n)`` (one 'epoch' of ``steps``
+    batches, so a per-step cosine spans the whole fine-tuning and step counts need not be whole epochs)."""
+
+    def __init__(self, n, steps, bs, seed):
+        self.n, self.total, self.seed = n, steps * bs, seed
+
+    def __len__(self):
+        return self.total
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed)
+        idx = torch.cat([torch.randperm(self.n, generator=g) for _ in range(-(-self.total // self.n))])
+        return iter(idx[:self.total].tolist())
+
+
+def step_loader(x, y, bs, steps, seed, teacher=None):
+    return torch.utils.data.DataLoader(DictData(x, y, flip=True, teacher=teacher), batch_size=bs,
+                                       sampler=_StepSampler(len(y), steps, bs, seed), drop_last=True)
 
 
 def fit(module, dl, epochs):
@@ -226,23 +271,74 @@ def _scores(m):
         return [unit_scores(M) for M in m.masks]
 
 
-def finetune_eval(args, data, pruned, seed, save_path=None, epochs=1):
-    from trainers.classification import ClassificationModule
+class _KDModule:  # built lazily (ClassificationModule imports Lightning)
+    cls = None
+
+    @classmethod
+    def get(cls):
+        if cls.cls is None:
+            import torch.nn.functional as F
+            from trainers.classification import ClassificationModule
+
+            class KDFinetune(ClassificationModule):
+                """CE, or with ``kd > 0`` (1 − kd)·CE + kd·T²·KL(softmax(t/T) || softmax(s/T)) against precomputed
+                logits of the unpruned model (``batch["teacher"]``; Hinton et al. 2015) [ours, not the paper]."""
+
+                def __init__(self, *a, kd=0.0, kd_temperature=1.0, **k):
+                    super().__init__(*a, **k)
+                    self.kd, self.kd_t = float(kd), float(kd_temperature)
+
+                def compute_loss(self, batch, stage):
+                    logits = self.model(batch["image"])
+                    ce = self.classification_loss(logits, batch["label"])
+                    if self.kd <= 0 or "teacher" not in batch:
+                        return {"loss": ce, "logits": logits}
+                    t = self.kd_t
+                    kl = F.kl_div(F.log_softmax(logits.float() / t, 1), F.log_softmax(batch["teacher"].float() / t, 1),
+                                  reduction="batchmean", log_target=True) * t * t
+                    return {"loss": (1 - self.kd) * ce + self.kd * kl, "logits": logits, "ce": ce.detach(),
+                            "kd": kl.detach()}
+
+            cls.cls = KDFinetune
+        return cls.cls
+
+
+def ft_steps(args, method):
+    """Fine-tuning steps: ``ft_epochs`` over the fine-tuning set; methods whose pruning does not train W (all but
+    X-Pruner, whose stage 2 trains W for ``prune_epochs`` over the training set) get those steps on top."""
+    bs = args.batch_size
+    steps = args.ft_epochs * (-(-args.ft_train_size // bs))
+    if not method.startswith("xpruner"):
+        steps += args.prune_epochs * (-(-args.train_size // bs))
+    return steps
+
+
+def finetune_eval(args, data, pruned, seed, save_path=None, steps=1, model_name="xpruner_pruned"):
+    import pytorch_lightning as pl
     from models.xpruner import analytic_macs, measure_flops
 
     H.seed_everything(seed)
     res = {"acc_before_ft": float((predict(pruned, data["test"][0]).argmax(1) == data["test"][1]).float().mean() * 100)}
-    mod = ClassificationModule(model="xpruner_pruned", model_kwargs=dict(model_kwargs(args), widths=pruned.arch()),
-                               num_classes=args.num_classes,
-                               optimizer={"name": "adamw", "lr": 5e-4, "weight_decay": 0.05},
-                               scheduler={"name": "cosine"})
+    kw = dict(model_kwargs(args), widths=pruned.arch()) if model_name == "xpruner_pruned" else model_kwargs(args)
+    mod = _KDModule.get()(model=model_name, model_kwargs=kw, num_classes=args.num_classes,
+                          freeze=["^xp\\."] if model_name == "xpruner" else None,
+                          optimizer={"name": "adamw", "lr": args.ft_lr, "weight_decay": 0.05},
+                          scheduler={"name": "cosine", "interval": "step", "warmup": args.ft_warmup},
+                          kd=args.kd, kd_temperature=args.kd_temperature)
     mod.model.load_state_dict(pruned.state_dict())
-    fit(mod, loader(*data["train"], args.batch_size, True, seed), epochs)
+    t0 = time.time()
+    tr = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                    limit_val_batches=0, precision="bf16-mixed" if args.bf16 else "32-true")
+    tr.fit(mod, train_dataloaders=step_loader(*data["ft"], args.batch_size, steps, seed,
+                                              teacher=data.get("teacher") if args.kd > 0 else None))
+    res["ft_steps"], res["ft_seconds"] = steps, time.time() - t0
     res.update(evaluate(mod.model, data, args))
     size = (3, args.image_size, args.image_size)
     res["macs"] = analytic_macs(mod.model)["total"]
     res["flops_counted"] = measure_flops(mod.model, size)
-    res["arch"] = mod.model.arch()
+    if model_name == "xpruner_pruned":
+        res["arch"] = mod.model.arch()
     if save_path:
         from models.xpruner import save_pruned
 
@@ -250,7 +346,9 @@ def finetune_eval(args, data, pruned, seed, save_path=None, epochs=1):
     return res
 
 
-def run_method(args, data, base_path, masks_path, seed, budget, method, cache_dir):
+def run_prune(args, data, masks_path, seed, budget, method):
+    """Prune the base model to ``budget`` FLOPs remained with ``method`` (X-Pruner: stage 2 first); the pruned,
+    folded model before fine-tuning and the method's extras."""
     import models
     from models.xpruner import (alpha_for_flops, magnitude_keep, prune_model, random_keep, uniform_keep)
     from trainers.xpruner import XPrunerModule
@@ -290,13 +388,39 @@ def run_method(args, data, base_path, masks_path, seed, budget, method, cache_di
         keep = {"uniform": lambda: uniform_keep(m, alpha), "magnitude": lambda: magnitude_keep(m, alpha),
                 "random": lambda: random_keep(m, alpha, seed=seed)}[method]()
         extra = {"alpha": alpha, "rates_learned": [1.0 - float(k.float().mean()) for k in keep]}
-    pruned = prune_model(m, keep, fold=method != "magnitude")  # magnitude: masks play no part, nothing folded
-    res = finetune_eval(args, data, pruned.eval(), seed,
-                        os.path.join(cache_dir, f"pruned_{method}_s{seed}_{int(budget * 100)}.safetensors"),
-                        # equal weight-training budget: X-Pruner's stage 2 also trains W, so baselines fine-tune longer
-                        epochs=args.ft_epochs + (0 if method.startswith("xpruner") else args.prune_epochs))
-    res.update(extra)
+    return prune_model(m, keep, fold=method != "magnitude").eval(), extra  # magnitude: masks play no part
+
+
+def run_method(args, data, masks_path, seed, budget, method, cache, skey, cache_dir, tag):
+    """Pruning (cached on its own under ``skey``: the pruned model before fine-tuning, so fine-tuning recipes can
+    be compared without repeating stage 2), then fine-tuning and evaluation."""
+    from models.xpruner import load_pruned, save_pruned
+
+    ppath = os.path.join(cache_dir, f"preft_{H.config_hash(skey)}.safetensors")
+    extra = cache.get(skey) if os.path.exists(ppath) else None
+    if extra is None:
+        pruned, extra = run_prune(args, data, masks_path, seed, budget, method)
+        save_pruned(pruned, ppath)
+        cache.put(skey, extra)
+    pruned = load_pruned(ppath).eval()
+    path = os.path.join(cache_dir, f"pruned_{method}_s{seed}_{int(budget * 100)}_{tag}.safetensors")
+    res = finetune_eval(args, data, pruned, seed, path, steps=ft_steps(args, method))
+    res.update(extra, pruned_path=path)
     return res
+
+
+def teacher_logits(args, base_path, x):
+    """Logits of the unpruned base model on ``x`` and on its horizontal flip: (N, 2, C), cached on disk."""
+    import models
+
+    path = os.path.join(args.cache_dir, "xpruner_data", f"teacher_{os.path.basename(base_path)}_{len(x)}.pt")
+    if os.path.exists(path):
+        return torch.load(path, weights_only=True)
+    m = models.create_model("xpruner", num_classes=args.num_classes, checkpoint_path=base_path, **model_kwargs(args))
+    t = torch.stack([predict(m, x), predict(m, x.flip(-1))], 1)
+    torch.save(t, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return t
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -324,12 +448,17 @@ def plot_rates(results, seeds, path, depth):
     plt.close(fig)
 
 
-def report(args, base, masks, results, seeds, full_macs, partial=False):
+def report(args, base, masks, results, seeds, full_macs, unpruned_ft=None, partial=False):
     rows, claims = [], []
     n = args.xai_images
+    uft = [unpruned_ft[s] for s in seeds] if unpruned_ft and all(s in unpruned_ft for s in seeds) else None
     for metric, key in (("acc", "acc"), ("AD", "ad"), ("AG", "ag"), ("insertion", "ins")):
         v = base[key] if key == "acc" else float(np.mean(base[key]))
         rows.append(H.summary_row("unpruned (100 %)", arch_label(args), "gradcam", metric, [v]))
+        if uft:  # control: the unpruned model fine-tuned with the baselines' recipe and steps
+            rows.append(H.summary_row("unpruned + FT (100 %)", arch_label(args), "gradcam", metric,
+                                      [r[key] if key == "acc" else float(np.mean(r[key])) for r in uft],
+                                      control=True))
     for b in args.budgets:
         for meth in methods_at(args, b):
             rs = [results[(s, b, meth)] for s in seeds]
@@ -341,6 +470,13 @@ def report(args, base, masks, results, seeds, full_macs, partial=False):
             for metric, key in (("AD", "ad"), ("AG", "ag"), ("insertion", "ins")):
                 rows.append(H.summary_row(tag, arch_label(args), "gradcam", metric, [float(np.mean(r[key])) for r in rs]))
         xp = [results[(s, b, "xpruner")] for s in seeds]
+        # the issue's goal (drop <= 1 point after fine-tuning) as a non-inferiority claim: X-Pruner > reference - 1
+        refs = [("unpruned", [np.array(base["correct"]) * 100 - 1.0 for _ in xp])]
+        if uft:
+            refs.append(("unpruned + same FT", [np.array(r["correct"]) * 100 - 1.0 for r in uft]))
+        for name, ref in refs:
+            claims.append(H.claim_row(f"X-Pruner @{int(b * 100)}% FLOPs within 1 pt of {name} (acc − ref + 1 > 0)",
+                                      "acc", [np.array(r["correct"]) * 100 for r in xp], ref, +1))
         for meth in methods_at(args, b)[1:]:
             bl = [results[(s, b, meth)] for s in seeds]
             name = "X-Pruner (oracle gate in stage 2, literal)" if meth == "xpruner_oracle" else meth
@@ -363,9 +499,15 @@ def report(args, base, masks, results, seeds, full_macs, partial=False):
         f"Unpruned test accuracy {base['acc']:.1f} % (chance {100 / args.num_classes:.1f} %). Per seed: stage 1 "
         f"{args.mask_epochs} epochs, stage 2 {args.prune_epochs} epochs per budget (it trains W too; CE under the "
         f"'{args.prune_gate}' gate; `xpruner_oracle` rows at {[int(100 * b) for b in args.ablation_budgets]} % use "
-        f"the paper's ground-truth-row gate), X-Pruner then "
-        f"fine-tuned {args.ft_epochs} epoch(s); baselines fine-tuned {args.ft_epochs + args.prune_epochs} epochs with the "
-        f"same recipe (same number of weight-update steps after the base model). Test split {args.test_size} images (accuracy), first "
+        f"the paper's ground-truth-row gate). Fine-tuning [ours], the same recipe for every pruned model: AdamW lr "
+        f"{args.ft_lr:g} (wd 0.05, per-step cosine{f', {args.ft_warmup} warm-up steps' if args.ft_warmup else ''}), "
+        f"batch {args.batch_size}, flips, {ft_steps(args, 'xpruner')} steps ({args.ft_epochs} epoch(s) over "
+        f"{args.ft_train_size} training images of the same generator and split as the base ViT's)"
+        + (f", knowledge distillation from the unpruned model (weight {args.kd:g}, T = {args.kd_temperature:g}; "
+           f"not in the paper)" if args.kd > 0 else "") + (", bf16 autocast" if args.bf16 else "")
+        + f"; baselines (and the `unpruned + FT` control, if present) get {ft_steps(args, 'uniform')} steps: stage 2's "
+        f"{ft_steps(args, 'uniform') - ft_steps(args, 'xpruner')} weight-update steps on top (equal weight-update steps "
+        f"after the base model). Test split {args.test_size} images (accuracy), first "
         f"{n} for Grad-CAM AD/AG/insertion (target = label). FLOPs % = analytic MACs of the pruned model / unpruned.")
     mk = "\n## Stage 1 label-free accuracy (masks applied, weights frozen)\n\n| seed | mean | two_pass_soft | oracle |\n|---|---|---|---|\n"
     for s in seeds:
@@ -398,6 +540,8 @@ def main():
         args.embed_dim, args.depth, args.seeds = 48, 2, args.seeds[:2]
         args.out = os.path.join(args.cache_dir, "xpruner_quick")
         args.cache_dir = os.path.join(args.cache_dir, "quick")
+    if args.ft_train_size is None:
+        args.ft_train_size = args.train_size
     t0 = time.time()
     cache = H.RunCache(args.cache_dir, enabled=not args.no_cache)
     wdir = os.path.join(args.cache_dir, "xpruner_weights")
@@ -420,7 +564,12 @@ def main():
         base = run_base(args, data, base_path)
         cache.put(key, base)
     print(f"[base] test acc {base['acc']:.1f} %", flush=True)
-    masks, results = {}, {}
+    data["ft"] = data["train"] if args.ft_train_size == args.train_size else render(args, "train", args.ft_train_size)
+    if args.kd > 0:
+        data["teacher"] = teacher_logits(args, base_path, data["ft"][0])
+    ft_cfg = dict(ft_epochs=args.ft_epochs, ft_train_size=args.ft_train_size, ft_lr=args.ft_lr,
+                  ft_warmup=args.ft_warmup, kd=args.kd, kd_temperature=args.kd_temperature, bf16=args.bf16, v=3)
+    masks, results, unpruned_ft = {}, {}, {}
     import models
     from models.xpruner import analytic_macs
 
@@ -436,28 +585,43 @@ def main():
                 cache.put(mkey, res)
             masks[seed] = res
             print(f"[masks seed {seed}] {res['acc']}", flush=True)
+            if args.unpruned_ft:  # control: the unpruned model fine-tuned like the baselines (same steps)
+                check_time()
+                ukey = dict(key, run="unpruned_ft", seed=seed, prune_epochs=args.prune_epochs, **ft_cfg)
+
+                def run_unpruned():
+                    m = models.create_model("xpruner", num_classes=args.num_classes, checkpoint_path=base_path,
+                                            **model_kwargs(args))
+                    return finetune_eval(args, data, m.eval(), seed, steps=ft_steps(args, "unpruned"),
+                                         model_name="xpruner")
+
+                unpruned_ft[seed] = res = cache.get_or_run(ukey, run_unpruned)
+                print(f"[seed {seed} unpruned + FT] acc {res['acc']:.1f} ({time.time() - t0:.0f} s)", flush=True)
             for b in args.budgets:
                 for meth in methods_at(args, b):
                     check_time()
-                    rkey = dict(mkey, run="prune", budget=b, method=meth, prune_epochs=args.prune_epochs,
-                                ft_epochs=args.ft_epochs, v=2,
+                    skey = dict(mkey, run="pruned_model", budget=b, method=meth, prune_epochs=args.prune_epochs,
                                 **({"prune_gate": args.prune_gate} if meth == "xpruner" else {}))
-                    res = cache.get_or_run(rkey, lambda: run_method(args, data, base_path, mpath, seed, b, meth, wdir))
+                    rkey = dict(skey, run="prune", **ft_cfg)
+                    res = cache.get_or_run(rkey, lambda: run_method(args, data, mpath, seed, b, meth, cache, skey,
+                                                                    wdir, H.config_hash(rkey)))
                     results[(seed, b, meth)] = res
                     print(f"[seed {seed} {int(b * 100)}% {meth}] acc {res['acc']:.1f} (before FT "
                           f"{res['acc_before_ft']:.1f}) FLOPs {100 * res['macs'] / full_macs:.1f} % "
                           f"({time.time() - t0:.0f} s)", flush=True)
     except _TimeUp:
         done = [s for s in args.seeds if s in masks and all((s, b, m) in results for b in args.budgets
-                                                              for m in methods_at(args, b))]
+                                                              for m in methods_at(args, b))
+                and (s in unpruned_ft or not args.unpruned_ft)]
         if done:  # a partial report over the seeds finished so far (marked as such)
-            report(args, base, masks, results, done, full_macs, partial=True)
+            report(args, base, masks, results, done, full_macs, unpruned_ft, partial=True)
         print(f"[time budget] stopping after {time.time() - t0:.0f} s; rerun to continue (finished runs are cached)")
         sys.exit(3)
-    report(args, base, masks, results, args.seeds, full_macs)
-    if os.path.abspath(args.out) == os.path.abspath(OUT):  # benchmarks/xpruner.py pairs it with docs/results/xpruner.json
+    report(args, base, masks, results, args.seeds, full_macs, unpruned_ft)
+    if os.path.abspath(args.out) == os.path.abspath(OUT) and (args.seeds[0], 0.5, "xpruner") in results:
+        # benchmarks/xpruner.py pairs it with docs/results/xpruner.json
         H.atomic_write_json(os.path.join(wdir, "latest.json"), {
-            "base": base_path, "pruned_xpruner_50": os.path.join(wdir, f"pruned_xpruner_s{args.seeds[0]}_50.safetensors")})
+            "base": base_path, "pruned_xpruner_50": results[(args.seeds[0], 0.5, "xpruner")]["pruned_path"]})
     print(f"wrote {args.out}.md ({time.time() - t0:.0f} s)")
 
 
