@@ -95,6 +95,9 @@ def parse():
                    help="knowledge distillation from the unpruned model during fine-tuning [ours, not the paper]: "
                    "loss = (1 - kd)·CE + kd·T²·KL(p_T(teacher) || p_T(student)); teacher logits precomputed")
     p.add_argument("--kd-temperature", type=float, default=1.0)
+    p.add_argument("--val-size", type=int, default=0,
+                   help="also score every fine-tuned model on this many validation images (split 'val', never the "
+                   "test split): the split on which the fine-tuning recipe was chosen")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for fine-tuning (Lightning bf16-mixed)")
     p.add_argument("--unpruned-ft", action="store_true",
                    help="control: also fine-tune the unpruned model with the baselines' recipe and steps (row "
@@ -334,6 +337,8 @@ def finetune_eval(args, data, pruned, seed, save_path=None, steps=1, model_name=
                                               teacher=data.get("teacher") if args.kd > 0 else None))
     res["ft_steps"], res["ft_seconds"] = steps, time.time() - t0
     res.update(evaluate(mod.model, data, args))
+    if "val" in data:
+        res["acc_val"] = float((predict(mod.model, data["val"][0]).argmax(1) == data["val"][1]).float().mean() * 100)
     size = (3, args.image_size, args.image_size)
     res["macs"] = analytic_macs(mod.model)["total"]
     res["flops_counted"] = measure_flops(mod.model, size)
@@ -449,6 +454,7 @@ def plot_rates(results, seeds, path, depth):
 
 
 def report(args, base, masks, results, seeds, full_macs, unpruned_ft=None, partial=False):
+    args = argparse.Namespace(**dict(vars(args), budgets=sorted(args.budgets, reverse=True)))  # 70, 50, 30 %
     rows, claims = [], []
     n = args.xai_images
     uft = [unpruned_ft[s] for s in seeds] if unpruned_ft and all(s in unpruned_ft for s in seeds) else None
@@ -487,7 +493,8 @@ def report(args, base, masks, results, seeds, full_macs, unpruned_ft=None, parti
             claims.append(H.claim_row(f"Grad-CAM {metric}: X-Pruner @{int(b * 100)}% better than unpruned", metric,
                                       [np.array(r[key]) for r in xp], [np.array(base[key][:n]) for _ in xp], d))
     intro = (
-        ("**PARTIAL: only the seeds listed finished; rerun the command to complete.** " if partial else "") +
+        (f"**PARTIAL: only the FLOPs budgets listed ({[int(100 * b) for b in args.budgets]} %) finished; rerun the "
+         f"command to complete.** " if partial else "") +
         f"`python experiments/xpruner.py` (seeds {seeds}). Base: timm `deit_tiny_patch16_224` narrowed to embed "
         f"{args.embed_dim}, {args.heads} heads, depth {args.depth}, {args.image_size} px, patch {args.patch_size}, average pooling"
         + (f", conv stem {args.conv_stem}" if args.conv_stem else "")
@@ -532,6 +539,13 @@ def report(args, base, masks, results, seeds, full_macs, unpruned_ft=None, parti
     plot_rates(dict(results, __budgets__=args.budgets), seeds, args.out + "_rates.png", args.depth)
 
 
+def write_latest(args, wdir, base_path, results):
+    """benchmarks/xpruner.py pairs these weights with docs/results/xpruner.json (main report only)."""
+    if os.path.abspath(args.out) == os.path.abspath(OUT) and (args.seeds[0], 0.5, "xpruner") in results:
+        H.atomic_write_json(os.path.join(wdir, "latest.json"), {
+            "base": base_path, "pruned_xpruner_50": results[(args.seeds[0], 0.5, "xpruner")]["pruned_path"]})
+
+
 def main():
     args = parse()
     if args.quick:
@@ -567,61 +581,67 @@ def main():
     data["ft"] = data["train"] if args.ft_train_size == args.train_size else render(args, "train", args.ft_train_size)
     if args.kd > 0:
         data["teacher"] = teacher_logits(args, base_path, data["ft"][0])
+    if args.val_size:
+        data["val"] = render(args, "val", args.val_size)
     ft_cfg = dict(ft_epochs=args.ft_epochs, ft_train_size=args.ft_train_size, ft_lr=args.ft_lr,
-                  ft_warmup=args.ft_warmup, kd=args.kd, kd_temperature=args.kd_temperature, bf16=args.bf16, v=3)
+                  ft_warmup=args.ft_warmup, kd=args.kd, kd_temperature=args.kd_temperature, bf16=args.bf16, val_size=args.val_size, v=3)
     masks, results, unpruned_ft = {}, {}, {}
     import models
     from models.xpruner import analytic_macs
 
     full_macs = analytic_macs(models.create_model("xpruner", num_classes=args.num_classes, **model_kwargs(args)))["total"]
+    mkeys, mpaths = {}, {}
     try:
-        for seed in args.seeds:
+        for seed in args.seeds:  # stage 1 per seed (cached)
             check_time()
-            mkey = dict(common, exp="xpruner", run="masks", seed=seed, mask_epochs=args.mask_epochs, mask_lr=args.mask_lr)
-            mpath = os.path.join(wdir, f"masks_{H.config_hash(mkey)}.safetensors")
+            mkeys[seed] = mkey = dict(common, exp="xpruner", run="masks", seed=seed, mask_epochs=args.mask_epochs,
+                                      mask_lr=args.mask_lr)
+            mpaths[seed] = mpath = os.path.join(wdir, f"masks_{H.config_hash(mkey)}.safetensors")
             res = cache.get(mkey) if os.path.exists(mpath) else None
             if res is None:
                 res = run_masks(args, data, base_path, seed, mpath)
                 cache.put(mkey, res)
             masks[seed] = res
             print(f"[masks seed {seed}] {res['acc']}", flush=True)
-            if args.unpruned_ft:  # control: the unpruned model fine-tuned like the baselines (same steps)
-                check_time()
-                ukey = dict(key, run="unpruned_ft", seed=seed, prune_epochs=args.prune_epochs, **ft_cfg)
-
-                def run_unpruned():
-                    m = models.create_model("xpruner", num_classes=args.num_classes, checkpoint_path=base_path,
-                                            **model_kwargs(args))
-                    return finetune_eval(args, data, m.eval(), seed, steps=ft_steps(args, "unpruned"),
-                                         model_name="xpruner")
-
-                unpruned_ft[seed] = res = cache.get_or_run(ukey, run_unpruned)
-                print(f"[seed {seed} unpruned + FT] acc {res['acc']:.1f} ({time.time() - t0:.0f} s)", flush=True)
-            for b in args.budgets:
+        for bi, b in enumerate(args.budgets):  # budget-major: the first budget finishes for every seed first
+            for seed in args.seeds:
                 for meth in methods_at(args, b):
                     check_time()
-                    skey = dict(mkey, run="pruned_model", budget=b, method=meth, prune_epochs=args.prune_epochs,
+                    skey = dict(mkeys[seed], run="pruned_model", budget=b, method=meth, prune_epochs=args.prune_epochs,
                                 **({"prune_gate": args.prune_gate} if meth == "xpruner" else {}))
                     rkey = dict(skey, run="prune", **ft_cfg)
-                    res = cache.get_or_run(rkey, lambda: run_method(args, data, mpath, seed, b, meth, cache, skey,
-                                                                    wdir, H.config_hash(rkey)))
+                    res = cache.get_or_run(rkey, lambda: run_method(args, data, mpaths[seed], seed, b, meth, cache,
+                                                                    skey, wdir, H.config_hash(rkey)))
                     results[(seed, b, meth)] = res
                     print(f"[seed {seed} {int(b * 100)}% {meth}] acc {res['acc']:.1f} (before FT "
-                          f"{res['acc_before_ft']:.1f}) FLOPs {100 * res['macs'] / full_macs:.1f} % "
+                          f"{res['acc_before_ft']:.1f}; val {res.get('acc_val', float('nan')):.1f}; FT "
+                          f"{res.get('ft_seconds', float('nan')):.0f} s) FLOPs {100 * res['macs'] / full_macs:.1f} % "
                           f"({time.time() - t0:.0f} s)", flush=True)
+            if args.unpruned_ft and bi == 0:  # control: the unpruned model fine-tuned like the baselines
+                for seed in args.seeds:
+                    check_time()
+                    ukey = dict(key, run="unpruned_ft", seed=seed, prune_epochs=args.prune_epochs, **ft_cfg)
+
+                    def run_unpruned():
+                        m = models.create_model("xpruner", num_classes=args.num_classes, checkpoint_path=base_path,
+                                                **model_kwargs(args))
+                        return finetune_eval(args, data, m.eval(), seed, steps=ft_steps(args, "unpruned"),
+                                             model_name="xpruner")
+
+                    unpruned_ft[seed] = res = cache.get_or_run(ukey, run_unpruned)
+                    print(f"[seed {seed} unpruned + FT] acc {res['acc']:.1f} (val "
+                          f"{res.get('acc_val', float('nan')):.1f}) ({time.time() - t0:.0f} s)", flush=True)
     except _TimeUp:
-        done = [s for s in args.seeds if s in masks and all((s, b, m) in results for b in args.budgets
-                                                              for m in methods_at(args, b))
-                and (s in unpruned_ft or not args.unpruned_ft)]
-        if done:  # a partial report over the seeds finished so far (marked as such)
-            report(args, base, masks, results, done, full_macs, unpruned_ft, partial=True)
+        full = [b for b in args.budgets if all((s, b, m) in results for s in args.seeds for m in methods_at(args, b))]
+        if full and (all(s in unpruned_ft for s in args.seeds) or not args.unpruned_ft):
+            # a partial report over the budgets finished for every seed (marked as such)
+            report(argparse.Namespace(**dict(vars(args), budgets=full)), base, masks, results, args.seeds, full_macs,
+                   unpruned_ft, partial=True)
+            write_latest(args, wdir, base_path, results)
         print(f"[time budget] stopping after {time.time() - t0:.0f} s; rerun to continue (finished runs are cached)")
         sys.exit(3)
     report(args, base, masks, results, args.seeds, full_macs, unpruned_ft)
-    if os.path.abspath(args.out) == os.path.abspath(OUT) and (args.seeds[0], 0.5, "xpruner") in results:
-        # benchmarks/xpruner.py pairs it with docs/results/xpruner.json
-        H.atomic_write_json(os.path.join(wdir, "latest.json"), {
-            "base": base_path, "pruned_xpruner_50": results[(args.seeds[0], 0.5, "xpruner")]["pruned_path"]})
+    write_latest(args, wdir, base_path, results)
     print(f"wrote {args.out}.md ({time.time() - t0:.0f} s)")
 
 

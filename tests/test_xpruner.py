@@ -417,6 +417,44 @@ def test_stage2_writes_pruned_model_at_target(tmp_path):
     assert ft.model.arch() == p.arch()
 
 
+def test_yaml_chain_base_masks_prune_finetune(tmp_path):
+    """configs/xpruner/synthetic_{base,masks,prune,finetune}.yaml through train.py, chained by their checkpoints (tiny
+    data): stage 1 leaves every timm weight as the base left it, stage 2 runs under the label-free mean gate (the
+    configs' default) and writes a pruned file at the config's α, fine-tuning loads it and trains it."""
+    import train
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = {s: os.path.join(root, "configs", "xpruner", f"synthetic_{s}.yaml") for s in ("base", "masks", "prune", "finetune")}
+    tiny = ["--data.init_args.train_size=16", "--data.init_args.val_size=8", "--data.init_args.test_size=8",
+            "--data.init_args.batch_size=8", "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false", "--trainer.logger=false", "--test_after_fit=false"]
+    d = {s: tmp_path / s for s in cfg}
+    pruned = str(tmp_path / "pruned.safetensors")
+    kw = "--model.init_args.model_kwargs={backbone: deit_tiny_patch16_224, backbone_kwargs: {img_size: 32, " \
+         "patch_size: 4, embed_dim: 96, depth: 4, num_heads: 3}"
+    cli = {}
+    cli["base"] = train.main(["fit", "--config", cfg["base"], f"--trainer.default_root_dir={d['base']}", *tiny])
+    cli["masks"] = train.main(["fit", "--config", cfg["masks"], f"--trainer.default_root_dir={d['masks']}", *tiny,
+                               f"--model.init_args.checkpoint_path={d['base'] / 'checkpoints' / 'last.ckpt'}"])
+    cli["prune"] = train.main(["fit", "--config", cfg["prune"], f"--trainer.default_root_dir={d['prune']}", *tiny,
+                               f"--model.init_args.checkpoint_path={d['masks'] / 'checkpoints' / 'last.ckpt'}",
+                               f"--model.init_args.pruned_path={pruned}"])
+    cli["finetune"] = train.main(["fit", "--config", cfg["finetune"], f"--trainer.default_root_dir={d['finetune']}",
+                                  *tiny, kw + f", widths: {pruned}}}", f"--model.init_args.checkpoint_path={pruned}"])
+    base_vit = cli["base"].model.model.vit.state_dict()
+    for k, v in cli["masks"].model.model.vit.state_dict().items():
+        assert torch.equal(v, base_vit[k]), f"stage 1 changed frozen weight {k}"
+    assert any(not torch.equal(M, torch.ones_like(M)) for M in cli["masks"].model.model.masks)
+    pm = cli["prune"].model
+    assert pm.stage == "prune" and pm.prune_gate == "mean"
+    p = load_pruned(pruned)
+    removed = 1 - analytic_macs(p)["blocks"] / analytic_macs(pm.model)["blocks"]
+    assert abs(removed - pm.alpha) < 0.01
+    ft = cli["finetune"].model
+    assert ft.stage == "finetune" and ft.model.arch() == p.arch()
+    assert any(not torch.equal(v, p.state_dict()[k]) for k, v in ft.model.state_dict().items())  # it trained
+
+
 class DDPSaveXP(_pl.Callback):
     """Saves θ, β, γ, a mask and a weight per rank (module-level: ddp_spawn pickles callbacks)."""
 
