@@ -31,7 +31,8 @@ from .registry import register_model
 
 __all__ = ["MAXNet", "MAXNetStream", "DualAttention", "min_shift_normalize", "neg_log_distance", "minmax_relu",
            "prototype_distances", "cluster_contrastive_losses", "ReferenceSet", "build_reference_set",
-           "swap_confidences", "top_fraction_mask", "reference_path_for"]
+           "swap_confidences", "swap_logits", "swap_cosines", "insertion_agreement", "top_fraction_mask",
+           "reference_path_for"]
 
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 _POOL = {2: nn.MaxPool2d, 3: nn.MaxPool3d}
@@ -479,14 +480,37 @@ def _cos(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
 
 
 @torch.no_grad()
+def swap_logits(model: nn.Module, x: Tensor, query_maps: Tensor, ref_maps: Tensor, grid: Sequence[int],
+                q: float = 0.1) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The five logit vectors of eqs 3.29-3.30: ``s(m), s(mK), s(mC), s(mK'), s(mC')`` (each (B, classes)).
+    K/C zero the top-``q`` voxels of ``p^k`` / ``p^c`` (upsampled to the input), K'/C' keep only them."""
+    size = x.shape[2:]
+    mk = top_fraction_mask(query_maps.view(-1, *grid), size, q).unsqueeze(1).to(x.dtype)
+    mc = top_fraction_mask(ref_maps.view(-1, *grid), size, q).unsqueeze(1).to(x.dtype)
+    return model(torch.cat([x, x * (1 - mk), x * (1 - mc), x * mk, x * mc])).chunk(5)
+
+
+def swap_cosines(s0: Tensor, sK: Tensor, sC: Tensor, sK2: Tensor, sC2: Tensor) -> Tuple[Tensor, Tensor]:
+    """``rho_D = cos(s(m) - s(mK), s(m) - s(mC))``, ``rho_I = cos(s(mK'), s(mC'))`` from :func:`swap_logits`.
+
+    Degenerate for 2 classes (docs/maxnet.md): ``rho_I`` compares raw logit vectors, whose common offset
+    (softmax-invariant; large for this head, where every logit is a sum of ``-log`` distances) dominates, so
+    ``rho_I -> 1``; with centred logits a 2-d vector is ``(m/2, -m/2)`` and the cosine is ``sign(m_K' m_C')``
+    = +-1 (:func:`insertion_agreement`)."""
+    return _cos(s0 - sK, s0 - sC), _cos(sK2, sC2)
+
+
+def insertion_agreement(sK2: Tensor, sC2: Tensor) -> Tensor:
+    """1 where the kept-voxel volumes ``mK'`` and ``mC'`` get the same predicted class, else 0 (the only
+    information a centred 2-class insertion cosine carries: it equals ``2 * agreement - 1``)."""
+    return (sK2.argmax(1) == sC2.argmax(1)).float()
+
+
+@torch.no_grad()
 def swap_confidences(model: nn.Module, x: Tensor, query_maps: Tensor, ref_maps: Tensor, grid: Sequence[int],
                      q: float = 0.1) -> Tuple[Tensor, Tensor]:
     """Eqs 3.29-3.30 read as cosines (spec §8, §12.18): with K/C = the query volume with the top-``q`` voxels
     of ``p^k`` / ``p^c`` zeroed and K'/C' = only those kept, ``rho_D = cos(s(m) - s(mK), s(m) - s(mC))`` and
-    ``rho_I = cos(s(mK'), s(mC'))``; ``s`` = logit vector. ``query_maps``, ``ref_maps`` (B, S_3)."""
-    size = x.shape[2:]
-    mk = top_fraction_mask(query_maps.view(-1, *grid), size, q).unsqueeze(1).to(x.dtype)
-    mc = top_fraction_mask(ref_maps.view(-1, *grid), size, q).unsqueeze(1).to(x.dtype)
-    s = model(torch.cat([x, x * (1 - mk), x * (1 - mc), x * mk, x * mc]))
-    s0, sK, sC, sK2, sC2 = s.chunk(5)
-    return _cos(s0 - sK, s0 - sC), _cos(sK2, sC2)
+    ``rho_I = cos(s(mK'), s(mC'))``; ``s`` = logit vector. ``query_maps``, ``ref_maps`` (B, S_3).
+    See :func:`swap_cosines` for why ``rho_I`` is degenerate for 2 classes."""
+    return swap_cosines(*swap_logits(model, x, query_maps, ref_maps, grid, q))

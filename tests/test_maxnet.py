@@ -393,3 +393,88 @@ def test_prototype_init_starts_near_the_latents():
     assert rel["normal"] < 0.03 and rel["uniform"] > 0.07, rel
     with pytest.raises(ValueError, match="prototype_init"):
         tiny(prototype_init="zeros")
+
+
+# ------------------------------------------------------------------------------------------------ experiment guards
+def test_two_class_insertion_cosine_is_degenerate():
+    """Eq 3.30 read as a cosine of raw 2-d logits is dominated by their common (softmax-invariant) offset: ~1 for any
+    two margins. Centred, a 2-d logit vector is (m/2, -m/2) and the cosine is sign(m1 m2) = 2 * agreement - 1.
+    (Why experiments/maxnet.py reports rho_I as degenerate and adds insertion_agreement.)"""
+    from models.maxnet import insertion_agreement, swap_cosines
+
+    g = torch.Generator().manual_seed(0)
+    m1, m2 = torch.randn(64, generator=g), torch.randn(64, generator=g)  # half margins of mK', mC'
+    off = 10.0  # this head: every logit is a sum of -log distances (offset ~6-7 measured, margins ~0.2)
+    sk2, sc2 = torch.stack([off - m1, off + m1], 1), torch.stack([off - m2, off + m2], 1)
+    s0 = torch.randn(64, 2, generator=g)
+    _, rho_i = swap_cosines(s0, s0 + 1, s0 - 1, sk2, sc2)
+    assert rho_i.min() > 0.9 and rho_i.max() <= 1 + 1e-6  # any pair of margins: saturated
+    _, rho_c = swap_cosines(s0, s0 + 1, s0 - 1, sk2 - off, sc2 - off)
+    agree = insertion_agreement(sk2, sc2)
+    assert torch.allclose(rho_c, 2 * agree - 1, atol=1e-5)
+    assert torch.equal(agree, ((m1 > 0) == (m2 > 0)).float())
+
+
+def _fake_results(rho_i_spread):
+    """Cached-result dicts of experiments/maxnet.py for 3 seeds (no training): PCR insertion cosines in
+    [1 - spread, 1], PCR slightly higher than random (as measured), deletion cosines spread out."""
+    rng = np.random.default_rng(0)
+    res = {"maxnet": {}, "cnn": {}}
+    for s in range(3):
+        n = 10
+        xai = {e: dict(insertion=rng.uniform(0.4, 0.6, n).tolist(), deletion=rng.uniform(0.4, 0.6, n).tolist(),
+                       pointing=[0.0] * n, iou=rng.uniform(0, 0.1, n).tolist(), seconds=0.01)
+               for e in ("ham", "gradcam", "gradcampp", "scorecam")}
+        pcr = {k: [] for k in ("pcr_D", "rand_D", "pcr_I", "rand_I", "pcr_agree", "rand_agree", "insertion_offset",
+                               "insertion_margin")}
+        for _ in range(3):
+            pcr["pcr_D"].append(rng.uniform(0.5, 1, n).tolist())
+            pcr["rand_D"].append(rng.uniform(-0.5, 0.6, n).tolist())
+            pcr["pcr_I"].append((1 - rho_i_spread * rng.uniform(0, 0.3, n)).tolist())
+            pcr["rand_I"].append((1 - rho_i_spread * rng.uniform(0.3, 1, n)).tolist())
+            pcr["pcr_agree"].append([1.0] * n)
+            pcr["rand_agree"].append([1.0] * (n - 1) + [0.0])
+            pcr["insertion_offset"].append([6.5] * n)
+            pcr["insertion_margin"].append([0.2] * n)
+        pcr.update(ref_label_agrees=[1.0, 1.0, 1.0], reference_size=150)
+        res["maxnet"][s] = dict(acc=0.9 + 0.01 * s, auc=0.95, train_seconds=50, best_epoch=7, xai=xai, pcr=pcr)
+        res["cnn"][s] = dict(acc=0.98, auc=0.99, train_seconds=50, best_epoch=7)
+    return res
+
+
+def test_experiment_marks_constant_metrics_degenerate(tmp_path):
+    """A saturated metric (the 2-class insertion cosine stuck at ~1.000, PCR higher in the 4th decimal) must not
+    decide a claim: with values of both arms within 0.01 the claim is 'degenerate (constant metric)' with no interval
+    (and verdicts.py recomputes 'inconclusive' from it, never 'supported'). Fails if the guard is removed."""
+    import json
+
+    from experiments import maxnet as XM
+    from experiments.harness import claim_verdict
+
+    args = XM.parse(["--out", str(tmp_path / "mx"), "--arms", "maxnet,cnn"])
+    assert args.ce_only_epochs == 0  # short-run default: full loss from epoch 1 (docs/maxnet.md)
+    md = XM.report(args, _fake_results(1e-3), [0, 1, 2])
+    claims = {c["claim"]: c for c in json.load(open(tmp_path / "mx.json"))["claims"]}
+    for r in (1, 2, 3):
+        ins = claims[f"PCR r{r} > random same-label: swap insertion"]
+        assert ins["verdict"] == "degenerate (constant metric)" and ins["ci95_low"] is None and ins["degenerate"]
+        assert claim_verdict(float("nan"), float("nan"), +1, 3) == "inconclusive"
+        dele = claims[f"PCR r{r} > random same-label: swap deletion"]
+        assert dele["verdict"] in ("supported", "contradicted", "inconclusive") and dele["ci95_low"] is not None
+        assert claims[f"PCR r{r} > random same-label: insertion agreement"]["verdict"] != "degenerate (constant metric)"
+    assert claims["HAM vs gradcam: pointing"]["verdict"] == "degenerate (constant metric)"  # all zeros
+    assert "swap_insertion (degenerate: constant)" in md and "median |common offset| 6.50" in md
+    # the same claim on a spread-out metric gets a real verdict (the guard is not a blanket)
+    XM.report(args, _fake_results(0.5), [0, 1, 2])
+    claims = {c["claim"]: c for c in json.load(open(tmp_path / "mx.json"))["claims"]}
+    assert claims["PCR r1 > random same-label: swap insertion"]["verdict"] == "supported"
+
+
+def test_short_run_schedule_defaults():
+    """MNI config: full loss from epoch 1; paper config: the thesis' 20 CE-only epochs of 70."""
+    import yaml
+
+    root = __import__("os").path.dirname(__import__("os").path.dirname(__file__))
+    cfg = {n: yaml.safe_load(open(f"{root}/configs/maxnet/{n}.yaml"))["model"]["init_args"] for n in ("mni", "paper")}
+    assert cfg["mni"]["ce_only_epochs"] == 0
+    assert cfg["paper"]["ce_only_epochs"] == 20 and cfg["paper"]["optimizer"]["lr"] == 1e-4
