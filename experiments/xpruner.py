@@ -493,8 +493,8 @@ def report(args, base, masks, results, seeds, full_macs, unpruned_ft=None, parti
             claims.append(H.claim_row(f"Grad-CAM {metric}: X-Pruner @{int(b * 100)}% better than unpruned", metric,
                                       [np.array(r[key]) for r in xp], [np.array(base[key][:n]) for _ in xp], d))
     intro = (
-        (f"**PARTIAL: only the FLOPs budgets listed ({[int(100 * b) for b in args.budgets]} %) finished; rerun the "
-         f"command to complete.** " if partial else "") +
+        (f"**PARTIAL: only the FLOPs budgets {[int(100 * b) for b in args.budgets]} % and the seeds {seeds} listed "
+         f"here finished; rerun the command to complete.** " if partial else "") +
         f"`python experiments/xpruner.py` (seeds {seeds}). Base: timm `deit_tiny_patch16_224` narrowed to embed "
         f"{args.embed_dim}, {args.heads} heads, depth {args.depth}, {args.image_size} px, patch {args.patch_size}, average pooling"
         + (f", conv stem {args.conv_stem}" if args.conv_stem else "")
@@ -617,8 +617,7 @@ def main():
                           f"{res['acc_before_ft']:.1f}; val {res.get('acc_val', float('nan')):.1f}; FT "
                           f"{res.get('ft_seconds', float('nan')):.0f} s) FLOPs {100 * res['macs'] / full_macs:.1f} % "
                           f"({time.time() - t0:.0f} s)", flush=True)
-            if args.unpruned_ft and bi == 0:  # control: the unpruned model fine-tuned like the baselines
-                for seed in args.seeds:
+                if args.unpruned_ft and bi == 0:  # control: the unpruned model fine-tuned like the baselines
                     check_time()
                     ukey = dict(key, run="unpruned_ft", seed=seed, prune_epochs=args.prune_epochs, **ft_cfg)
 
@@ -632,12 +631,19 @@ def main():
                     print(f"[seed {seed} unpruned + FT] acc {res['acc']:.1f} (val "
                           f"{res.get('acc_val', float('nan')):.1f}) ({time.time() - t0:.0f} s)", flush=True)
     except _TimeUp:
-        full = [b for b in args.budgets if all((s, b, m) in results for s in args.seeds for m in methods_at(args, b))]
-        if full and (all(s in unpruned_ft for s in args.seeds) or not args.unpruned_ft):
-            # a partial report over the budgets finished for every seed (marked as such)
+        def complete(b, s):
+            return all((s, b, m) in results for m in methods_at(args, b)) and (s in unpruned_ft or not args.unpruned_ft
+                                                                               or b != args.budgets[0])
+        full = [b for b in args.budgets if all(complete(b, s) for s in args.seeds)]
+        if full:  # a partial report over the budgets finished for every seed (marked as such)
             report(argparse.Namespace(**dict(vars(args), budgets=full)), base, masks, results, args.seeds, full_macs,
                    unpruned_ft, partial=True)
             write_latest(args, wdir, base_path, results)
+        elif [s for s in args.seeds if complete(args.budgets[0], s)]:  # the first budget, over its finished seeds
+            done = [s for s in args.seeds if complete(args.budgets[0], s)]
+            report(argparse.Namespace(**dict(vars(args), budgets=[args.budgets[0]], seeds=done)), base, masks, results,
+                   done, full_macs, unpruned_ft, partial=True)
+            write_latest(argparse.Namespace(**dict(vars(args), seeds=done)), wdir, base_path, results)
         print(f"[time budget] stopping after {time.time() - t0:.0f} s; rerun to continue (finished runs are cached)")
         sys.exit(3)
     report(args, base, masks, results, args.seeds, full_macs, unpruned_ft)
