@@ -132,8 +132,9 @@ def main():
         if r["arch"]:
             md.append(f"- {r['model']}: heads {r['arch']['heads']}, MLP {r['arch']['mlp_hidden']}")
     if acc:
+        ci = f" [{acc['lo']:.1f}, {acc['hi']:.1f}]" if acc["lo"] is not None and acc["hi"] is not None else " (1 seed)"
         md += ["", f"Accuracy (experiment, mean over seeds): unpruned {acc['unpruned']:.1f} %, X-Pruner at 50 % FLOPs "
-               f"after fine-tuning {acc['pruned']:.1f} % [{acc['lo']:.1f}, {acc['hi']:.1f}] -> drop "
+               f"after fine-tuning {acc['pruned']:.1f} %{ci} -> drop "
                f"{acc['unpruned'] - acc['pruned']:.1f} points (goal <= 1)."]
     print(f"benchmark time {time.time() - t0:.0f} s")
     text = "\n".join(md) + "\n"

@@ -426,21 +426,23 @@ def test_yaml_chain_base_masks_prune_finetune(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg = {s: os.path.join(root, "configs", "xpruner", f"synthetic_{s}.yaml") for s in ("base", "masks", "prune", "finetune")}
     tiny = ["--data.init_args.train_size=16", "--data.init_args.val_size=8", "--data.init_args.test_size=8",
-            "--data.init_args.batch_size=8", "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false",
+            "--data.init_args.batch_size=8", "--trainer.enable_progress_bar=false",
             "--trainer.enable_model_summary=false", "--trainer.logger=false", "--test_after_fit=false"]
     d = {s: tmp_path / s for s in cfg}
     pruned = str(tmp_path / "pruned.safetensors")
     kw = "--model.init_args.model_kwargs={backbone: deit_tiny_patch16_224, backbone_kwargs: {img_size: 32, " \
          "patch_size: 4, embed_dim: 96, depth: 4, num_heads: 3}"
     cli = {}
-    cli["base"] = train.main(["fit", "--config", cfg["base"], f"--trainer.default_root_dir={d['base']}", *tiny])
-    cli["masks"] = train.main(["fit", "--config", cfg["masks"], f"--trainer.default_root_dir={d['masks']}", *tiny,
+    tiny1 = tiny + ["--trainer.max_epochs=1"]  # the base config's 1-epoch warm-up needs a second epoch
+    cli["base"] = train.main(["fit", "--config", cfg["base"], f"--trainer.default_root_dir={d['base']}", *tiny,
+                              "--trainer.max_epochs=2"])
+    cli["masks"] = train.main(["fit", "--config", cfg["masks"], f"--trainer.default_root_dir={d['masks']}", *tiny1,
                                f"--model.init_args.checkpoint_path={d['base'] / 'checkpoints' / 'last.ckpt'}"])
-    cli["prune"] = train.main(["fit", "--config", cfg["prune"], f"--trainer.default_root_dir={d['prune']}", *tiny,
+    cli["prune"] = train.main(["fit", "--config", cfg["prune"], f"--trainer.default_root_dir={d['prune']}", *tiny1,
                                f"--model.init_args.checkpoint_path={d['masks'] / 'checkpoints' / 'last.ckpt'}",
                                f"--model.init_args.pruned_path={pruned}"])
     cli["finetune"] = train.main(["fit", "--config", cfg["finetune"], f"--trainer.default_root_dir={d['finetune']}",
-                                  *tiny, kw + f", widths: {pruned}}}", f"--model.init_args.checkpoint_path={pruned}"])
+                                  *tiny1, kw + f", widths: {pruned}}}", f"--model.init_args.checkpoint_path={pruned}"])
     base_vit = cli["base"].model.model.vit.state_dict()
     for k, v in cli["masks"].model.model.vit.state_dict().items():
         assert torch.equal(v, base_vit[k]), f"stage 1 changed frozen weight {k}"
