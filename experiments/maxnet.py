@@ -49,6 +49,7 @@ warnings.filterwarnings("ignore", ".*predict_dataloader.*")
 ARMS = ("maxnet", "cnn", "no_dam", "no_mfm", "no_losses")
 EXPLAINERS = ("ham", "gradcam", "gradcampp", "scorecam")
 WIDTHS, KERNELS = (15, 25, 50, 50, 50), (3, 3, 3, 3, 1)
+ALPHA2_THESIS = 0.06  # seed 000 eq 3.13 contrastive weight (trainers/maxnet.py default)
 
 
 def parse(argv=None):
@@ -70,6 +71,9 @@ def parse(argv=None):
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3, help="Adam lr (paper 1e-4 over 70 epochs; see docs)")
     p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--alpha2", type=float, default=ALPHA2_THESIS,
+                   help="contrastive weight a2 of eq 3.13 (thesis 0.06; a diagnostic knob, docs/maxnet.md). Only a "
+                        "non-default value enters the cache key, so runs cached under 0.06 stay valid")
     p.add_argument("--xai-volumes", type=int, default=12, help="test atrophy volumes explained per seed")
     p.add_argument("--curve-steps", type=int, default=20)
     p.add_argument("--pcr-queries", type=int, default=24)
@@ -152,7 +156,8 @@ def make_module(arm, args, steps_per_epoch):
             optimizer=opt, scheduler=sched)
     mk = dict(use_dam=arm != "no_dam", use_mfm=arm != "no_mfm")
     ce_only = args.epochs if arm == "no_losses" else args.ce_only_epochs
-    return MAXNetModule(model_kwargs=mk, num_classes=2, ce_only_epochs=ce_only, optimizer=opt, scheduler=sched)
+    return MAXNetModule(model_kwargs=mk, num_classes=2, ce_only_epochs=ce_only, alpha_ctr=args.alpha2,
+                        optimizer=opt, scheduler=sched)
 
 
 def train(arm, seed, data, args):
@@ -435,6 +440,8 @@ def main(argv=None):
             ce_key = 3 if arm in ("cnn", "no_losses") else args.ce_only_epochs
             cfg = dict(exp="maxnet", arm=arm, seed=seed, v={"cnn": 1, "maxnet": 3}.get(arm, 2), ce_only_epochs=ce_key,
                        **cfg_common)
+            if args.alpha2 != ALPHA2_THESIS and arm not in ("cnn", "no_losses"):  # key unchanged at the default
+                cfg["alpha2"] = args.alpha2
             hit = cache.get(cfg)
             if hit is None:
                 if args.max_minutes and (time.time() - t_start) / 60 > args.max_minutes:
