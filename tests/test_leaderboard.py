@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -85,3 +86,94 @@ def test_verdicts_recomputed_from_intervals(tmp_path):
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="verdicts:start"):
         V.main(args)
+
+
+# ---------------------------------------------------------------------------------------------- resume of a baseline
+class _Args(Exception):
+    """Raised by a stand-in ``get_run`` to hand back the ``args`` that ``leaderboard.main`` parsed."""
+
+
+def _quick_args(tmp_path, monkeypatch):
+    """The ``--quick`` protocol's args exactly as ``main`` builds them (no copy of its defaults), temp cache dir."""
+    from experiments import leaderboard as L
+
+    def stop(mech, seed, backbone, args, cache):
+        raise _Args(args)
+
+    with monkeypatch.context() as m:
+        m.setenv("LEADERBOARD_STRICT", "1")  # main re-raises instead of logging the failure
+        m.setattr(L, "get_run", stop)
+        with pytest.raises(_Args) as info:
+            L.main(["--quick", "--seeds", "0", "--mechanisms", "baseline", "--out", str(tmp_path / "lb"),
+                    "--cache-dir", str(tmp_path / "cache")])
+    return info.value.args[0]
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_baseline_trained_but_not_evaluated_is_evaluated_not_retrained(tmp_path, monkeypatch):
+    """``train_and_eval``: a baseline killed after training (weights saved, no cached result) is evaluated from its
+    saved weights on the next run -- ``fit`` is not called; without the weights (or with the cache off) it is."""
+    from experiments import harness as H
+    from experiments import leaderboard as L
+    from models.weights import read_state_dict
+
+    args = _quick_args(tmp_path, monkeypatch)
+    bb, cache = args.backbone, H.RunCache(args.cache_dir)
+    wpath = L.baseline_weights_path(0, bb, args)
+    fits, seen = [], {}
+
+    def fake_fit(module, train_set, seed, args_, epochs):  # "training": every float tensor moves, BN buffers too
+        fits.append(epochs)
+        g = torch.Generator().manual_seed(123)
+        with torch.no_grad():
+            for v in module.model.state_dict().values():
+                if v.is_floating_point():
+                    v.add_(torch.randn(v.shape, generator=g))
+        seen["trained"] = _state(module.model)
+        return 1.5
+
+    def killed(model, *a, **k):
+        raise RuntimeError("killed during evaluation")
+
+    def fake_evaluate(model, *a, **k):
+        seen["evaluated"] = _state(model)
+        seen["model"] = model
+        return dict(explain_layer=None, explain_layer_size=[], means={}, per_item={}, maps={}, meta={})
+
+    monkeypatch.setattr(L, "costs", lambda *a, **k: dict(train_step_ratio=1.0, inference_ratio=1.0))
+    # 1) no weights file: trained (fit called), weights saved right after training, then the evaluation dies
+    monkeypatch.setattr(L, "fit", fake_fit)
+    monkeypatch.setattr(L, "evaluate", killed)
+    assert not os.path.exists(wpath)
+    with pytest.raises(RuntimeError, match="killed"):
+        L.get_run("baseline", 0, bb, args, cache)
+    assert fits == [L.recipe_for(bb, args)["epochs"]]
+    assert os.path.exists(wpath) and cache.get(L.run_config("baseline", 0, bb, args)) is None
+    assert _same(read_state_dict(wpath), seen["trained"])
+    saved, mtime = open(wpath, "rb").read(), os.stat(wpath).st_mtime_ns
+
+    # 2) re-run: the saved weights are evaluated, fit is never called, the weights file is not rewritten
+    monkeypatch.setattr(L, "fit", lambda *a, **k: pytest.fail("the baseline was retrained despite its weights"))
+    monkeypatch.setattr(L, "evaluate", fake_evaluate)
+    res = L.get_run("baseline", 0, bb, args, cache)
+    assert _same(seen["evaluated"], seen["trained"])
+    H.seed_everything(0)
+    assert not _same(_state(L.build_module("baseline", bb, args).model), seen["trained"])  # init != trained
+    _, test_set = L.datasets(args)
+    assert res["correct"] == L.accuracy(seen["model"], test_set) and res["train_seconds"] is None
+    assert open(wpath, "rb").read() == saved and os.stat(wpath).st_mtime_ns == mtime
+    assert cache.get(L.run_config("baseline", 0, bb, args)) is not None
+
+    # 3) cache off (--no-cache): retrained even though the weights exist
+    monkeypatch.setattr(L, "fit", fake_fit)
+    fits.clear()
+    res = L.get_run("baseline", 0, bb, args, H.RunCache(args.cache_dir, enabled=False))
+    assert len(fits) == 1 and res["train_seconds"] == 1.5
