@@ -55,8 +55,11 @@ SPECS = {
                              init=dict(lam=7.5e-3, error="cosine")),
     "ca_stream": dict(trainer="trainers.ca_stream.CAStreamModule", init=dict(train_mode="stream"), from_baseline=True,
                       model_kwargs=dict(start_stage=0, class_specific=False, proj_kv=False)),
-    "exvit": dict(trainer="trainers.exvit.ExViTModule", backbone=VIT,
-                  init=dict(alpha=0.5, beta=1.0, gamma=0.0, momentum=0.99, encoder_lr=1e-3),
+    # eX-ViT: an E-MHA + AttE head on the trained ViT baseline of the same seed (issue 14: "an eX-ViT head on a
+    # trained ViT"; the paper also starts from a trained DeiT): its encoder starts from the baseline's, the
+    # attribute branch and classifier fresh, then ``recipe`` epochs of fine-tuning (encoder lr 5e-4)
+    "exvit": dict(trainer="trainers.exvit.ExViTModule", backbone=VIT, from_baseline="encoder", recipe=dict(epochs=4),
+                  init=dict(alpha=0.5, beta=1.0, gamma=0.0, momentum=0.99, encoder_lr=5e-4),
                   model_kwargs=dict(num_attributes=8, attr_channels=64, attr_hidden=192, fuse_layers=3,
                                     drop_path_rate=0.1)),
 }
@@ -89,9 +92,10 @@ def extra_explainers(mech: str, backbone: str) -> tuple:
     return () if backbone == VIT else tuple(EXTRA_EXPLAINERS.get(mech, ()))
 
 
-#: the ViT's own recipe (configs/baseline/synthetic_vit.yaml: 82 % test): a ViT stalls at chance with the CNNs' lr 3e-3
-#: and needs more epochs; every mechanism on the ViT (its baseline, eX-ViT) trains with it
-VIT_RECIPE = dict(lr=1e-3, epochs=6)
+#: the ViT's own recipe (configs/baseline/synthetic_vit.yaml): a ViT stalls at chance with the CNNs' lr 3e-3 and needs
+#: more epochs (6 epochs: 79.7 % mean test over 3 seeds, validation still rising; 10 epochs keep every seed above the
+#: 80 % bar); every mechanism on the ViT trains with it, unless its spec's ``recipe`` overrides a value
+VIT_RECIPE = dict(lr=1e-3, epochs=10)
 
 
 def backbone_kwargs_for(backbone: str, args) -> dict:
@@ -101,9 +105,14 @@ def backbone_kwargs_for(backbone: str, args) -> dict:
     return dict(args.backbone_kwargs)
 
 
-def recipe_for(backbone: str, args) -> dict:
-    """lr and epochs of a backbone's runs (``VIT_RECIPE`` for the ViT, else the command line's)."""
-    return dict(VIT_RECIPE) if backbone == VIT and not args.quick else dict(lr=args.lr, epochs=args.epochs)
+def recipe_for(backbone: str, args, mech: str = "baseline") -> dict:
+    """lr and epochs of a run (``VIT_RECIPE`` for the ViT, else the command line's; then the mechanism's
+    ``recipe`` overrides, outside ``--quick``)."""
+    if args.quick:
+        return dict(lr=args.lr, epochs=args.epochs)
+    rec = dict(VIT_RECIPE) if backbone == VIT else dict(lr=args.lr, epochs=args.epochs)
+    rec.update(SPECS.get(mech, {}).get("recipe", {}))
+    return rec
 
 
 def data_kwargs(args) -> dict:
@@ -119,8 +128,8 @@ def run_config(mech: str, seed: int, backbone: str, args) -> dict:
                 train_size=args.train_size, test_size=args.test_size, epochs=args.epochs,
                 batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, eval_images=args.eval_images, steps=args.steps,
                 min_explain_size=args.min_explain_size, timing_reps=args.timing_reps)
-    if backbone == VIT:
-        cfg.update(recipe_for(backbone, args))
+    if backbone == VIT or spec.get("recipe"):
+        cfg.update(recipe_for(backbone, args, mech))
     return cfg
 
 
@@ -136,10 +145,12 @@ def build_module(mech: str, backbone: str, args, checkpoint_path=None):
     mk = dict(backbone=backbone, pretrained=False, backbone_kwargs=backbone_kwargs_for(backbone, args))
     mk.update(spec.get("model_kwargs", {}))
     kw = dict(model=mech, model_kwargs=mk, num_classes=args.num_classes, multilabel=False,
-              optimizer={"name": "adamw", "lr": recipe_for(backbone, args)["lr"], "weight_decay": 0.05},
+              optimizer={"name": "adamw", "lr": recipe_for(backbone, args, mech)["lr"], "weight_decay": 0.05},
               scheduler={"name": "cosine", "interval": "step", "warmup": args.warmup, "eta_min": 1e-5})
     kw.update(spec.get("init", {}))
-    if checkpoint_path:
+    if checkpoint_path and spec.get("from_baseline") == "encoder":  # backbone keys only (strictly checked)
+        mk["backbone_weights"] = checkpoint_path
+    elif checkpoint_path:
         kw["checkpoint_path"] = checkpoint_path
     return _trainer_class(spec["trainer"])(**kw)
 
@@ -271,7 +282,7 @@ def train_and_eval(mech: str, seed: int, backbone: str, args, cache: H.RunCache)
         print(f"[leaderboard]   baseline ({backbone}) seed {seed}: trained weights found ({own}), evaluating them",
               flush=True)
     else:
-        train_s = fit(module, train_set, seed, args, recipe_for(backbone, args)["epochs"])
+        train_s = fit(module, train_set, seed, args, recipe_for(backbone, args, mech)["epochs"])
     model = module.model.eval()
     if mech == "baseline" and train_s is not None:
         os.makedirs(args.cache_dir, exist_ok=True)
