@@ -177,3 +177,31 @@ def test_baseline_trained_but_not_evaluated_is_evaluated_not_retrained(tmp_path,
     fits.clear()
     res = L.get_run("baseline", 0, bb, args, H.RunCache(args.cache_dir, enabled=False))
     assert len(fits) == 1 and res["train_seconds"] == 1.5
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_exvit_starts_from_the_trained_vit_baseline(tmp_path, monkeypatch):
+    """eX-ViT in the leaderboard is a head on the same seed's ViT baseline: its encoder blocks start from the
+    baseline's weights (not a fresh init), and its recipe overrides the ViT recipe's epochs only outside --quick."""
+    from experiments import leaderboard as L
+    from models.weights import save_weights
+
+    args = _quick_args(tmp_path, monkeypatch)
+    base = L.build_module("baseline", L.VIT, args).model
+    with torch.no_grad():
+        for p in base.parameters():
+            p.add_(0.5)  # unlike any fresh init
+    path = str(tmp_path / "base.safetensors")
+    save_weights(base, path)
+    ex = L.build_module("exvit", L.VIT, args, checkpoint_path=path).model
+    fresh = L.build_module("exvit", L.VIT, args).model
+    key = "blocks.0.attn.qkv.weight"
+    b = next(v for k, v in base.state_dict().items() if k.endswith(key))
+    e = next(v for k, v in ex.state_dict().items() if k.endswith(key))
+    f = next(v for k, v in fresh.state_dict().items() if k.endswith(key))
+    assert torch.equal(b, e) and not torch.equal(b, f)
+    assert L.recipe_for(L.VIT, args, "exvit") == L.recipe_for(L.VIT, args)  # --quick: one recipe for all
+    args.quick = False
+    assert L.recipe_for(L.VIT, args, "exvit") == dict(L.VIT_RECIPE, **L.SPECS["exvit"]["recipe"])
+    assert L.recipe_for(L.VIT, args, "baseline") == L.VIT_RECIPE
+    assert L.run_config("exvit", 0, L.VIT, args)["epochs"] == L.SPECS["exvit"]["recipe"]["epochs"]
