@@ -28,6 +28,7 @@ Every (arm, seed) is cached (``--cache-dir``) so the command can run in chunks. 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -74,6 +75,13 @@ def parse(argv=None):
     p.add_argument("--alpha2", type=float, default=ALPHA2_THESIS,
                    help="contrastive weight a2 of eq 3.13 (thesis 0.06; a diagnostic knob, docs/maxnet.md). Only a "
                         "non-default value enters the cache key, so runs cached under 0.06 stay valid")
+    p.add_argument("--voxel-tau", type=float, default=0.0,
+                   help="soft minimum over voxels in d_j (models/maxnet.py voxel_min_tau; 0 = the thesis' hard min). "
+                        "Only a non-default value enters the cache key")
+    p.add_argument("--select", action="store_true",
+                   help="model selection mode: train only and report the best VALIDATION accuracy per seed (no test "
+                        "split, no XAI / PCR); results go to <out>_selection.json under --label (docs/maxnet.md protocol)")
+    p.add_argument("--label", default=None, help="name of the variant in <out>_selection.json (--select)")
     p.add_argument("--xai-volumes", type=int, default=12, help="test atrophy volumes explained per seed")
     p.add_argument("--curve-steps", type=int, default=20)
     p.add_argument("--pcr-queries", type=int, default=24)
@@ -136,9 +144,10 @@ class BestState:
     """Keeps the weights of the best validation accuracy in memory (checkpoint selection, spec §6)."""
 
     def __init__(self):
-        self.best, self.state, self.epoch = -1.0, None, -1
+        self.best, self.state, self.epoch, self.history = -1.0, None, -1, []
 
     def update(self, module, acc, epoch):
+        self.history.append(round(float(acc), 4))
         if acc > self.best:
             self.best, self.epoch = acc, epoch
             self.state = {k: v.detach().clone() for k, v in module.model.state_dict().items()}
@@ -154,7 +163,7 @@ def make_module(arm, args, steps_per_epoch):
         return ClassificationModule(model="baseline", model_kwargs=dict(
             backbone="maxnet3d", in_chans=1, backbone_kwargs=dict(widths=WIDTHS, kernels=KERNELS)), num_classes=2,
             optimizer=opt, scheduler=sched)
-    mk = dict(use_dam=arm != "no_dam", use_mfm=arm != "no_mfm")
+    mk = dict(use_dam=arm != "no_dam", use_mfm=arm != "no_mfm", voxel_min_tau=args.voxel_tau)
     ce_only = args.epochs if arm == "no_losses" else args.ce_only_epochs
     return MAXNetModule(model_kwargs=mk, num_classes=2, ce_only_epochs=ce_only, alpha_ctr=args.alpha2,
                         optimizer=opt, scheduler=sched)
@@ -182,7 +191,8 @@ def train(arm, seed, data, args):
     trainer.fit(module, tr, va)
     secs = time.time() - t0
     module.model.load_state_dict(best.state)
-    return module.model.eval(), dict(train_seconds=secs, best_epoch=best.epoch, best_val_acc=best.best)
+    return module.model.eval(), dict(train_seconds=secs, best_epoch=best.epoch, best_val_acc=best.best,
+                                     val_acc_per_epoch=best.history)
 
 
 @torch.no_grad()
@@ -271,7 +281,7 @@ def pcr(model, data, args, seed):
 
 
 # ---------------------------------------------------------------------------------------------- figure
-def heatmap_figure(x, gt, maps, path, resolution):
+def heatmap_figure(x, gt, maps, path, resolution, title=None):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -301,7 +311,7 @@ def heatmap_figure(x, gt, maps, path, resolution):
                               "scorecam": "Score-CAM"}.get(name, "T1 + GT"))
             if c == 0:
                 ax.set_ylabel(vname)
-    fig.suptitle("MAXNet on a simulated atrophy volume (white: ground-truth changed voxels)")
+    fig.suptitle(title or "MAXNet on a simulated atrophy volume (white: ground-truth changed voxels)")
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp.png"
@@ -412,10 +422,95 @@ def report(args, results, seeds):
              f"only), Adam lr {args.lr} wd {args.weight_decay}, poly decay, batch {args.batch_size}; weight seeds "
              f"{seeds}. Command: `python experiments/maxnet.py`. Intervals: t over seeds (rows), paired difference "
              "over seeds (+ per-volume bootstrap where the values are per volume) for verdicts. "
-             "Heatmaps: docs/results/maxnet_heatmaps.png.")
+             "Heatmaps: docs/results/maxnet_heatmaps.png" + (
+                 f" (seed {args.heatmap_seed}: the reported seed with the best validation accuracy)."
+                 if getattr(args, "heatmap_seed", None) is not None else " (not redrawn in this run)."))
     return H.write_report(args.out, rows, claims, title="MAXNet on the MNI atrophy benchmark (Tables 3.3-3.5 analog)",
                           intro=intro, extra_md=extra, meta=dict(args={k: v for k, v in vars(args).items()},
                                                                   seeds=seeds), metrics=["acc", "auc"])
+
+
+def select_report(args, results):
+    """Model selection (docs/maxnet.md protocol): best validation accuracy per (arm, seed) of one variant, merged
+    into ``<out>_selection.json`` under ``--label``. Never reads the test split."""
+    label = args.label or f"alpha2={args.alpha2},voxel_tau={args.voxel_tau},lr={args.lr},epochs={args.epochs}"
+    path = args.out + "_selection.json"
+    rec = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            rec = json.load(f)
+    for arm, per in results.items():
+        vals = {str(s): per[s]["best_val_acc"] for s in sorted(per)}
+        v = list(vals.values())
+        rec.setdefault(label, {})[arm] = dict(val_acc=vals, mean=float(np.mean(v)), min=float(np.min(v)),
+                                              val_acc_per_epoch={str(s): per[s].get("val_acc_per_epoch")
+                                                                 for s in sorted(per)},
+                                              args=dict(alpha2=args.alpha2, voxel_tau=args.voxel_tau, lr=args.lr,
+                                                        epochs=args.epochs, ce_only_epochs=args.ce_only_epochs))
+        print(f"[select] {label} {arm}: val acc {vals} mean {np.mean(v):.3f} min {np.min(v):.3f}", flush=True)
+    H.atomic_write_json(path, rec)
+
+
+def heatmap_path(args, cfg):
+    return os.path.join(args.cache_dir, f"maxnet_heatmaps_{H.config_hash(cfg)}.png")
+
+
+def redraw_heatmap(args, seed, data, cached):
+    """Retrain one cached MAXNet run (same seed and config) only to draw its heatmap figure (runs cached before the
+    figure was kept per seed). Prints the retrained test accuracy next to the cached one (a determinism check)."""
+    model, info = train("maxnet", seed, data, args)
+    acc = classification(model, data)["acc"]
+    sel = (data["test"]["label"] == 1).nonzero().flatten()[: args.xai_volumes]
+    x, gt = data["test"]["image"][sel], data["test"]["mask"][sel] > 0
+    maps, _ = explain_all(model, x, torch.ones(len(sel), dtype=torch.long))
+    heatmap_figure(x, gt, maps, heatmap_path(args, run_config(args, "maxnet", seed)), args.resolution,
+                   title=f"MAXNet seed {seed} (best val acc {info['best_val_acc']:.2f}) on a simulated atrophy volume "
+                         "(white: ground-truth changed voxels)")
+    print(f"[heatmap] seed {seed} retrained for the figure: test acc {acc:.3f} (cached run {cached['acc']:.3f}), "
+          f"best val acc {info['best_val_acc']:.3f} (cached {cached['best_val_acc']:.3f})", flush=True)
+
+
+def publish_heatmaps(args, per_seed, data=None):
+    """Copy the heatmap figure of the reported seed with the best VALIDATION accuracy (first on ties) to
+    ``<out dir>/maxnet_heatmaps.png`` (the figure of a model at chance explains nothing); if that run was cached
+    without a figure, retrain it for the figure (``data`` given). Returns that seed."""
+    import shutil
+
+    have = [s for s in args.seeds if s in per_seed]
+    if not have:
+        return None
+    seed = max(have, key=lambda s: (per_seed[s]["best_val_acc"], -args.seeds.index(s)))
+    if not os.path.exists(heatmap_path(args, run_config(args, "maxnet", seed))):
+        if data is None:
+            return None
+        redraw_heatmap(args, seed, data, per_seed[seed])
+    dst = os.path.join(os.path.dirname(args.out), "maxnet_heatmaps.png")
+    tmp = dst + ".tmp.png"
+    shutil.copyfile(heatmap_path(args, run_config(args, "maxnet", seed)), tmp)
+    os.replace(tmp, dst)
+    return seed
+
+
+def run_config(args, arm, seed):
+    """The cache key of one (arm, seed) run. Options added later enter it only when non-default, so cached runs
+    under the defaults stay valid."""
+    cfg_common = {k: getattr(args, k) for k in ("resolution", "train_size", "val_size", "test_size", "data_seed", "severity",
+                                                 "epochs", "batch_size", "lr", "weight_decay",
+                                                 "xai_volumes", "curve_steps", "pcr_queries")}
+    # v2: MAXNet prototypes start at N(0.5, 0.1) (models/maxnet.py prototype_init); the plain CNN is unchanged.
+    # v3 (maxnet arm): PCR also stores insertion agreement and logit offset / margin.
+    # cnn and no_losses do not read --ce-only-epochs (no_losses is CE only throughout): their key keeps the
+    # value 3 they were trained under, so their cached runs stay valid after the default became 0.
+    ce_key = 3 if arm in ("cnn", "no_losses") else args.ce_only_epochs
+    cfg = dict(exp="maxnet", arm=arm, seed=seed, v={"cnn": 1, "maxnet": 3}.get(arm, 2), ce_only_epochs=ce_key,
+               **cfg_common)
+    if args.alpha2 != ALPHA2_THESIS and arm not in ("cnn", "no_losses"):  # key unchanged at the default
+        cfg["alpha2"] = args.alpha2
+    if args.voxel_tau and arm != "cnn":  # key unchanged at the default (hard min)
+        cfg["voxel_tau"] = args.voxel_tau
+    if args.select:  # validation-only runs never share a cache entry with reported runs
+        cfg["select"] = 1
+    return cfg
 
 
 def main(argv=None):
@@ -425,23 +520,12 @@ def main(argv=None):
     cache = H.RunCache(args.cache_dir, enabled=not args.no_cache)
     data = load_data(args, args.cache_dir)
     results = {}
-    cfg_common = {k: getattr(args, k) for k in ("resolution", "train_size", "val_size", "test_size", "data_seed", "severity",
-                                                 "epochs", "batch_size", "lr", "weight_decay",
-                                                 "xai_volumes", "curve_steps", "pcr_queries")}
     stopped = False
     for seed in args.seeds:
         for arm in args.arms.split(","):
             if arm not in ARMS:
                 raise SystemExit(f"unknown arm {arm!r}; choose from {ARMS}")
-            # v2: MAXNet prototypes start at N(0.5, 0.1) (models/maxnet.py prototype_init); the plain CNN is unchanged.
-            # v3 (maxnet arm): PCR also stores insertion agreement and logit offset / margin.
-            # cnn and no_losses do not read --ce-only-epochs (no_losses is CE only throughout): their key keeps the
-            # value 3 they were trained under, so their cached runs stay valid after the default became 0.
-            ce_key = 3 if arm in ("cnn", "no_losses") else args.ce_only_epochs
-            cfg = dict(exp="maxnet", arm=arm, seed=seed, v={"cnn": 1, "maxnet": 3}.get(arm, 2), ce_only_epochs=ce_key,
-                       **cfg_common)
-            if args.alpha2 != ALPHA2_THESIS and arm not in ("cnn", "no_losses"):  # key unchanged at the default
-                cfg["alpha2"] = args.alpha2
+            cfg = run_config(args, arm, seed)
             hit = cache.get(cfg)
             if hit is None:
                 if args.max_minutes and (time.time() - t_start) / 60 > args.max_minutes:
@@ -450,20 +534,30 @@ def main(argv=None):
 
                 def run():
                     model, info = train(arm, seed, data, args)
+                    if args.select:
+                        return info
                     res = dict(info, **classification(model, data))
                     if arm == "maxnet":
                         res["xai"], pics = xai(model, data, args)
                         res["pcr"] = pcr(model, data, args, seed)
-                        if seed == args.seeds[0]:
-                            heatmap_figure(*pics, path=os.path.join(os.path.dirname(args.out),
-                                                                     "maxnet_heatmaps.png"), resolution=args.resolution)
+                        # one figure per seed, kept beside the cache; the reported one is chosen below
+                        heatmap_figure(*pics, path=heatmap_path(args, cfg), resolution=args.resolution,
+                                       title=f"MAXNet seed {seed} (best val acc {info['best_val_acc']:.2f}) on a "
+                                             "simulated atrophy volume (white: ground-truth changed voxels)")
                     return res
 
                 t0 = time.time()
                 hit = cache.get_or_run(cfg, run)
-                print(f"[run] {arm} seed {seed}: acc {hit['acc']:.3f} auc {hit['auc']:.3f} "
-                      f"({time.time() - t0:.0f} s)", flush=True)
+                print(f"[run] {arm} seed {seed}: " + (f"val acc {hit['best_val_acc']:.3f} (epochs "
+                      f"{hit.get('val_acc_per_epoch')})" if args.select else
+                      f"acc {hit['acc']:.3f} auc {hit['auc']:.3f}") + f" ({time.time() - t0:.0f} s)", flush=True)
             results.setdefault(arm, {})[seed] = hit
+    if args.select:
+        select_report(args, results)
+        if stopped:
+            print("[chunk] time budget reached: run the same command again to continue.", flush=True)
+        return
+    args.heatmap_seed = publish_heatmaps(args, results.get("maxnet", {}), None if stopped else data)
     md = report(args, results, args.seeds)
     print(md)
     if stopped:

@@ -116,12 +116,24 @@ def minmax_relu(x: Tensor, dims: Sequence[int], eps: float = 1e-6) -> Tensor:
     return torch.where(hi - lo > 1e-4 * hi, (x - lo) / (hi - lo + eps), torch.zeros_like(x))
 
 
-def prototype_distances(z: Tensor, protos: Tensor) -> Tensor:
-    """``d_j = min_v ||Z[:, :, v] - proto_j||^2`` (eq 3.11): ``z`` (B, Dp, S), ``protos`` (M, Dp) -> (B, M)."""
+def prototype_distances(z: Tensor, protos: Tensor, tau: float = 0.0) -> Tensor:
+    """``d_j = min_v ||Z[:, :, v] - proto_j||^2`` (eq 3.11): ``z`` (B, Dp, S), ``protos`` (M, Dp) -> (B, M).
+
+    ``tau > 0`` (option, not the thesis): the hard min over voxels becomes the log-mean-exp soft minimum
+    ``-tau log((1/S) sum_v exp(-D_v / tau))``. It lies in ``[min_v D_v, mean_v D_v]`` (so ``d >= 0`` and
+    ``-log(d + eta)`` stays finite), tends to the hard min as ``tau -> 0`` (within ``tau log S``) and to the voxel
+    mean as ``tau -> inf``; its gradient reaches every voxel with weight ``softmax(-D / tau)`` instead of one.
+    """
     z2 = (z * z).sum(1, keepdim=True)  # (B, 1, S)
     p2 = (protos * protos).sum(1).view(1, -1, 1)  # (1, M, 1)
     cross = torch.einsum("bds,md->bms", z, protos)
-    return (z2 + p2 - 2 * cross).clamp_min(0).amin(dim=2)
+    d = (z2 + p2 - 2 * cross).clamp_min(0)
+    if tau < 0:
+        raise ValueError(f"voxel_min_tau must be >= 0 (0 = hard min, eq 3.11), got {tau}.")
+    if not tau:
+        return d.amin(dim=2)
+    soft = -tau * (torch.logsumexp(-d / tau, dim=2) - math.log(d.shape[2]))
+    return soft.clamp_min(0)
 
 
 def cluster_contrastive_losses(dist: Tensor, labels: Tensor, proto_class: Tensor,
@@ -199,6 +211,9 @@ class MAXNet(InterpretableClassifier):
             sigmoid latents start at ~0.5 +- 0.03, so U(0, 1) prototypes sit ~D_p/12 = 21 away and
             ``-log(d + eta)`` barely differs between volumes (logit spread 0.02 at init). The head then gives
             CE no usable signal, and 2 of 3 seeds never left chance. N(0.5, 0.1) starts them ~8x closer.
+        voxel_min_tau: 0 (default) = the hard min over voxels of eq 3.11; ``> 0`` = a log-mean-exp soft minimum
+            (:func:`prototype_distances`; a deviation, docs/maxnet.md). It enters the head and, through ``d_j``,
+            the cluster / contrastive losses (eqs 3.14-3.15).
     """
 
     explanation_kind = "ham"
@@ -212,7 +227,7 @@ class MAXNet(InterpretableClassifier):
                  stream_kernels: Sequence[int] = (3, 3, 3, 3, 1), conv_padding: int = 1, embed_dim: int = 25,
                  latent_dim: int = 256, prototypes_per_class: int = 10, use_dam: bool = True, use_mfm: bool = True,
                  dam_value: str = "embed", dam_rescale: bool = True, eta: float = 1e-4, ham_fusion: str = "max",
-                 eps: float = 1e-6, prototype_init: str = "normal") -> None:
+                 eps: float = 1e-6, prototype_init: str = "normal", voxel_min_tau: float = 0.0) -> None:
         if in_chans is None:
             in_chans = 1 if backbone in ("maxnet3d", "maxnet2d", "cnn3d") else 3
         super().__init__(num_classes, in_chans)
@@ -241,6 +256,10 @@ class MAXNet(InterpretableClassifier):
         self.prototype_init = prototype_init
         self._build_head(num_classes, latent_dim)
         self.use_dam, self.use_mfm, self.eta, self.eps = use_dam, use_mfm, eta, eps
+        if not (voxel_min_tau >= 0 and math.isfinite(voxel_min_tau)):
+            raise ValueError(f"voxel_min_tau must be a finite number >= 0 (0 = the thesis' hard min over voxels, "
+                             f"eq 3.11), got {voxel_min_tau!r}.")
+        self.voxel_min_tau = float(voxel_min_tau)
         self.latent_dim, self.ham_fusion = latent_dim, ham_fusion
         self.pretrained_cfg = dict(input_size=(in_chans,) + ((96, 112, 96) if sd == 3 else (224, 224)),
                                    mean=(0.0,) * in_chans, std=(1.0,) * in_chans, num_classes=num_classes,
@@ -277,7 +296,7 @@ class MAXNet(InterpretableClassifier):
         fused = torch.stack(hs).amax(0) if self.use_mfm else torch.cat(hs, 1)  # eq 3.11 (max) / ablation (concat)
         z = torch.sigmoid(self.latent(fused))
         out["Z"] = z
-        dist = prototype_distances(z.flatten(2), self.prototypes)
+        dist = prototype_distances(z.flatten(2), self.prototypes, self.voxel_min_tau)
         out["dist"] = dist
         out["sim"] = neg_log_distance(dist, self.eta)
         out["logits"] = self.fc(out["sim"])

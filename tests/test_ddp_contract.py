@@ -223,6 +223,19 @@ def test_ca_stream_frozen_parts_do_not_move_under_ddp(tmp_path):
         assert torch.equal(ranks[0][k], ranks[1][k]), k
 
 
+def test_maxnet_full_loss_ddp_contract(tmp_path, monkeypatch):
+    """test_ddp_contract[maxnet] runs the trainer default (20 CE-only epochs), i.e. CE only. The MNI recipe trains
+    with CE + 0.6 L_cls + 0.06 L_ctr from epoch 1 (ce_only_epochs 0): the same contract with the full loss, and the
+    cluster / contrastive terms must change the result (else this would test CE again)."""
+    _fit("maxnet", tmp_path / "ce", devices=1)
+    monkeypatch.setitem(CONTRACT_OVERRIDES, "maxnet", dict(ce_only_epochs=0))
+    assert _module_for("maxnet").phase() == 2
+    test_ddp_contract("maxnet", tmp_path)
+    ce = torch.load(tmp_path / "ce" / "rank0_of1.pt", weights_only=True)["model.prototypes"]
+    full = torch.load(tmp_path / "rank0_of1.pt", weights_only=True)["model.prototypes"]
+    assert (ce - full).abs().max() > 1e-5, "the cluster / contrastive terms did not change the prototypes"
+
+
 # ------------------------------------------------------------------------------------------ metrics under DDP
 def _metrics_worker(rank, world, port, out, n):
     import torch.distributed as dist

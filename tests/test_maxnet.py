@@ -129,6 +129,71 @@ def test_head_distances_and_similarity_formula():
     assert torch.allclose(out["logits"], out["sim"] @ m.fc.weight.t())
 
 
+def test_soft_min_over_voxels_matches_loop_and_limits():
+    """voxel_min_tau (option, docs/maxnet.md): d_j = -tau log(mean_v exp(-D_v / tau)). Naive float64 loop;
+    tau = 0 is the hard min of eq 3.11; min <= soft <= mean, soft - min <= tau log S; tau -> 0: hard min;
+    tau -> inf: voxel mean; gradient reaches one voxel (hard) vs every voxel (soft)."""
+    g = torch.Generator().manual_seed(3)
+    z, protos = torch.rand(2, 5, 7, generator=g), torch.rand(3, 5, generator=g)
+    D = torch.stack([torch.stack([torch.stack([((z[b, :, v] - protos[j]) ** 2).sum() for v in range(7)])
+                                  for j in range(3)]) for b in range(2)]).double()  # (B, M, S)
+    hard, mean = D.amin(2), D.mean(2)
+    assert torch.allclose(prototype_distances(z, protos, 0.0).double(), hard, atol=1e-5)
+    for tau in (1e-3, 0.05, 0.3, 2.0):
+        soft = prototype_distances(z, protos, tau).double()
+        ref = torch.tensor([[hard[b, j].item() - tau * np.log(np.mean([np.exp(-(D[b, j, v] - hard[b, j]).item() / tau)
+                                                                      for v in range(7)]))  # shifted: no underflow
+                             for j in range(3)] for b in range(2)], dtype=torch.float64)
+        assert torch.allclose(soft, ref, atol=1e-5), tau
+        assert (soft >= hard - 1e-5).all() and (soft <= mean + 1e-5).all()
+        assert (soft - hard <= tau * np.log(7) + 1e-5).all()
+    assert torch.allclose(prototype_distances(z, protos, 1e-4).double(), hard, atol=1e-3)
+    assert torch.allclose(prototype_distances(z, protos, 1e4).double(), mean, atol=1e-3)
+    for tau, n_expected in ((0.0, 1), (0.3, 7)):
+        zz = z.clone().requires_grad_(True)
+        prototype_distances(zz, protos, tau)[0, 0].backward()
+        assert int((zz.grad[0].abs().sum(0) > 0).sum()) == n_expected
+    with pytest.raises(ValueError, match="voxel_min_tau"):
+        tiny(voxel_min_tau=-1.0)
+    m = tiny(voxel_min_tau=0.2).eval()
+    with torch.no_grad():
+        out = m.run(torch.rand(2, 1, 16, 16, 16))
+    assert torch.allclose(out["dist"], prototype_distances(out["Z"].flatten(2), m.prototypes, 0.2))
+    assert torch.allclose(out["logits"], -torch.log(out["dist"] + 1e-4) @ m.fc.weight.t())
+    assert torch.isfinite(out["logits"]).all()
+
+
+def test_experiment_cache_key_unchanged_at_defaults():
+    """New experiment flags enter the run cache key only when non-default (cached runs stay valid)."""
+    from experiments import maxnet as XM
+
+    base = {"exp", "arm", "seed", "v", "ce_only_epochs", "resolution", "train_size", "val_size", "test_size",
+            "data_seed", "severity", "epochs", "batch_size", "lr", "weight_decay", "xai_volumes", "curve_steps",
+            "pcr_queries"}
+    for arm in XM.ARMS:
+        assert set(XM.run_config(XM.parse([]), arm, 0)) == base
+    a = XM.parse(["--voxel-tau", "0.1", "--select"])
+    assert XM.run_config(a, "maxnet", 0)["voxel_tau"] == 0.1 and XM.run_config(a, "maxnet", 0)["select"] == 1
+    assert "voxel_tau" not in XM.run_config(a, "cnn", 0)
+    assert XM.make_module("maxnet", a, 1).model.voxel_min_tau == 0.1
+
+
+def test_heatmap_figure_comes_from_best_validation_seed(tmp_path):
+    """maxnet_heatmaps.png is the figure of the reported seed with the best validation accuracy (first on ties),
+    not simply the first seed (which may be at chance)."""
+    from experiments import maxnet as XM
+
+    args = XM.parse(["--out", str(tmp_path / "res" / "maxnet"), "--cache-dir", str(tmp_path / "cache"),
+                     "--seeds", "0,1,2"])
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "res").mkdir()
+    for s in (0, 1, 2):
+        open(XM.heatmap_path(args, XM.run_config(args, "maxnet", s)), "w").write(f"seed{s}")
+    per = {0: dict(best_val_acc=0.5), 1: dict(best_val_acc=0.95), 2: dict(best_val_acc=0.95)}
+    assert XM.publish_heatmaps(args, per) == 1
+    assert open(tmp_path / "res" / "maxnet_heatmaps.png").read() == "seed1"
+
+
 def test_cluster_loss_falls_toward_prototype_and_contrastive_matches_loop():
     protos = torch.rand(4, 6)
     pc = torch.tensor([0, 0, 1, 1])
@@ -273,6 +338,23 @@ def test_mni_deterministic_and_mask_is_exactly_the_change(mni_set):
     assert not (gt & a["unclipped"] & ~changed).any(), "a mask voxel did not change"
     h = mni_set.render(4, twin=True)
     assert h["label"] == 0 and h["mask"].sum() == 0 and torch.equal(h["image"], h["image_healthy"])
+
+
+def test_mni_other_resolution_deterministic_and_mask_covers_change():
+    """The benchmark at 3 mm (not only the 4 mm default): deterministic per (seed, split, index), and the mask
+    is exactly the changed voxels."""
+    pytest.importorskip("nilearn")
+    pytest.importorskip("torchio")
+    a = mni.MNIAtrophy("train", 8, seed=1, resolution=3, cache=False).render(3, twin=True)
+    b = mni.MNIAtrophy("train", 8, seed=1, resolution=3, cache=False).render(3)
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+    four = mni.load_mni_template(4)["t1"].shape
+    assert a["label"] == 1 and all(s3 > s4 for s3, s4 in zip(a["image"].shape[1:], four))
+    changed = (a["image"] != a["image_healthy"])[0]
+    gt = a["mask"] > 0
+    assert gt.sum() > 100 and set(a["mask"].unique().tolist()) == {0, 2}
+    assert not (changed & ~gt).any(), "a voxel outside the mask changed"
+    assert not (gt & a["unclipped"] & ~changed).any(), "a mask voxel did not change"
 
 
 def test_mni_class_not_readable_from_mean_intensity(mni_set):
