@@ -227,6 +227,7 @@ def test_maxnet_full_loss_ddp_contract(tmp_path, monkeypatch):
     """test_ddp_contract[maxnet] runs the trainer default (20 CE-only epochs), i.e. CE only. The MNI recipe trains
     with CE + 0.6 L_cls + 0.06 L_ctr from epoch 1 (ce_only_epochs 0): the same contract with the full loss, and the
     cluster / contrastive terms must change the result (else this would test CE again)."""
+    (tmp_path / "ce").mkdir()
     _fit("maxnet", tmp_path / "ce", devices=1)
     monkeypatch.setitem(CONTRACT_OVERRIDES, "maxnet", dict(ce_only_epochs=0))
     assert _module_for("maxnet").phase() == 2

@@ -148,7 +148,7 @@ def test_soft_min_over_voxels_matches_loop_and_limits():
         assert (soft >= hard - 1e-5).all() and (soft <= mean + 1e-5).all()
         assert (soft - hard <= tau * np.log(7) + 1e-5).all()
     assert torch.allclose(prototype_distances(z, protos, 1e-4).double(), hard, atol=1e-3)
-    assert torch.allclose(prototype_distances(z, protos, 1e4).double(), mean, atol=1e-3)
+    assert torch.allclose(prototype_distances(z, protos, 100.0).double(), mean, atol=2e-3)  # gap ~ var / (2 tau)
     for tau, n_expected in ((0.0, 1), (0.3, 7)):
         zz = z.clone().requires_grad_(True)
         prototype_distances(zz, protos, tau)[0, 0].backward()
