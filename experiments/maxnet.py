@@ -3,6 +3,8 @@
     python experiments/maxnet.py                      # 5 arms x 3 seeds, ~20 min on 2 cores; resumable
     python experiments/maxnet.py --max-minutes 4.5    # one chunk: stops starting runs after 4.5 min
     python experiments/maxnet.py --quick              # smoke run (seconds), numbers meaningless
+    python experiments/maxnet.py --select --seeds 10,11,12 --arms maxnet --label tau0.5 --voxel-tau 0.5
+                                                      # fix selection on VALIDATION accuracy only (docs/maxnet.md)
 
 Arms (same data, seeds 0, 1, 2 for the weights): ``maxnet`` (full), ``cnn`` (the same 5-stage stream + GAP +
 linear: a plain 3D CNN of the same depth), ``no_dam`` (F~_n = W_f(F_n)), ``no_mfm`` (concatenation instead of
@@ -23,7 +25,8 @@ epochs of 70; ``configs/maxnet/paper.yaml``) stay available as ``--ce-only-epoch
 run stays at chance when both classes' prototypes settle on the same class-free latents (docs/maxnet.md, Results).
 
 Every (arm, seed) is cached (``--cache-dir``) so the command can run in chunks. Writes docs/results/maxnet.md /
-.json and maxnet_heatmaps.png (axial / coronal / sagittal slices through the left hippocampus, GT outline).
+.json and maxnet_heatmaps.png (axial / coronal / sagittal slices through the left hippocampus, GT outline), drawn
+from the reported seed with the best validation accuracy (retrained for the figure if its run was cached without one).
 """
 from __future__ import annotations
 
