@@ -425,7 +425,7 @@ def report(args, results, seeds):
              f"only), Adam lr {args.lr} wd {args.weight_decay}, poly decay, batch {args.batch_size}; weight seeds "
              f"{seeds}. Command: `python experiments/maxnet.py`. Intervals: t over seeds (rows), paired difference "
              "over seeds (+ per-volume bootstrap where the values are per volume) for verdicts. "
-             "Heatmaps: docs/results/maxnet_heatmaps.png" + (
+             f"Heatmaps: {args.out}_heatmaps.png" + (
                  f" (seed {args.heatmap_seed}: the reported seed with the best validation accuracy)."
                  if getattr(args, "heatmap_seed", None) is not None else " (not redrawn in this run)."))
     return H.write_report(args.out, rows, claims, title="MAXNet on the MNI atrophy benchmark (Tables 3.3-3.5 analog)",
@@ -475,7 +475,7 @@ def redraw_heatmap(args, seed, data, cached):
 
 def publish_heatmaps(args, per_seed, data=None):
     """Copy the heatmap figure of the reported seed with the best VALIDATION accuracy (first on ties) to
-    ``<out dir>/maxnet_heatmaps.png`` (the figure of a model at chance explains nothing); if that run was cached
+    ``<out>_heatmaps.png`` (the figure of a model at chance explains nothing); if that run was cached
     without a figure, retrain it for the figure (``data`` given). Returns that seed."""
     import shutil
 
@@ -487,7 +487,7 @@ def publish_heatmaps(args, per_seed, data=None):
         if data is None:
             return None
         redraw_heatmap(args, seed, data, per_seed[seed])
-    dst = os.path.join(os.path.dirname(args.out), "maxnet_heatmaps.png")
+    dst = args.out + "_heatmaps.png"  # beside the report: a non-default --out never overwrites the default figure
     tmp = dst + ".tmp.png"
     shutil.copyfile(heatmap_path(args, run_config(args, "maxnet", seed)), tmp)
     os.replace(tmp, dst)
