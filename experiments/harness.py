@@ -330,8 +330,9 @@ def claims_markdown(claims: Sequence[Mapping], digits: int = 2) -> str:
 
 def write_report(prefix: str, rows: Sequence[Mapping], claims: Sequence[Mapping] = (), title: str = "",
                  intro: str = "", extra_md: str = "", meta: Optional[Mapping] = None,
-                 metrics: Optional[Sequence[str]] = None, metric_labels: Optional[Mapping[str, str]] = None) -> str:
-    """Write ``<prefix>.md`` (title, intro, verdicts, table, extra) and ``<prefix>.json``
+                 metrics: Optional[Sequence[str]] = None, metric_labels: Optional[Mapping[str, str]] = None,
+                 digits: int = 1) -> str:
+    """Write ``<prefix>.md`` (title, intro, verdicts, table with ``digits`` decimals, extra) and ``<prefix>.json``
     (``{"meta", "rows", "claims"}``) atomically; return the markdown."""
     md = f"# {title}\n\n" if title else ""
     if intro:
@@ -347,7 +348,7 @@ def write_report(prefix: str, rows: Sequence[Mapping], claims: Sequence[Mapping]
         md += claims_markdown(claims) + "\n"
     if rows:
         md += "## Results (mean over seeds [95 % t-interval over seeds]; `control` rows are sanity baselines)\n\n"
-        md += rows_markdown(rows, metrics, metric_labels=metric_labels) + "\n"
+        md += rows_markdown(rows, metrics, digits=digits, metric_labels=metric_labels) + "\n"
     if extra_md:
         md += extra_md.rstrip() + "\n"
     atomic_write_text(prefix + ".md", md)
