@@ -1,6 +1,6 @@
 """MAXNet Tables 3.3-3.5 on the embedded MNI atrophy benchmark (a simulation, not ADNI).
 
-    python experiments/maxnet.py                      # 5 arms x 3 seeds, ~35 min on 2 cores; resumable
+    python experiments/maxnet.py                      # 5 arms x 3 seeds, ~30 min on 2 cores; resumable
     python experiments/maxnet.py --max-minutes 4.5    # one chunk: stops starting runs after 4.5 min
     python experiments/maxnet.py --quick              # smoke run (seconds), numbers meaningless
     python experiments/maxnet.py --select --seeds 10,11,12 --arms maxnet --label tau0.5 --voxel-tau 0.5

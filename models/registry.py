@@ -11,6 +11,9 @@ from typing import Callable, Dict, List, Mapping, Optional
 
 from torch import nn
 
+from . import weights as _weights
+from .weights import load_weights
+
 __all__ = ["register_model", "create_model", "list_models", "is_model", "model_entrypoint", "check_model_kwargs"]
 
 #: timm keyword arguments that make timm read or download a file (refused: ``backbone_weights`` is the safe door).
@@ -42,6 +45,15 @@ def register_model(name: Optional[str] = None, test_kwargs: Optional[dict] = Non
 
 def _ensure_loaded() -> None:
     import models  # noqa: F401  (importing the package registers every mechanism)
+
+
+def _mechanism_prefixes() -> Dict[str, tuple]:
+    """``{name: mechanism_prefixes}`` of every registered model (for the weight loader's error hints)."""
+    _ensure_loaded()
+    return {n: tuple(getattr(e, "mechanism_prefixes", ()) or ()) for n, e in _MODELS.items()}
+
+
+_weights._registered_prefixes = _mechanism_prefixes
 
 
 def list_models(pattern: str = "*") -> List[str]:
@@ -105,7 +117,5 @@ def create_model(name: str, checkpoint_path: Optional[str] = None, **kwargs) -> 
     check_model_kwargs(kwargs, "kwargs")
     model = model_entrypoint(name)(**kwargs)
     if checkpoint_path:
-        from .weights import load_weights
-
         load_weights(model, checkpoint_path)
     return model

@@ -14,7 +14,7 @@ import contextlib
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -180,20 +180,18 @@ def _top(keys: Iterable[str]) -> List[str]:
     return sorted({k.split(".")[0] + ("." if "." in k else "") for k in keys})
 
 
+#: ``() -> {model name: mechanism_prefixes}`` of the registered models. Installed by ``models.registry``, which
+#: imports this module: weights never imports the registry, so the dependency runs one way.
+_registered_prefixes: Callable[[], Mapping[str, tuple]] = dict
+
+
 def _guess_source_model(unexpected: Sequence[str]) -> List[str]:
     """Registered models whose own (mechanism) parameters explain every unexpected key."""
     try:
-        from .registry import _MODELS, _ensure_loaded
-
-        _ensure_loaded()
+        table = _registered_prefixes()
     except Exception:  # never let the error message itself fail
         return []
-    out = []
-    for name, entry in _MODELS.items():
-        pre = tuple(getattr(entry, "mechanism_prefixes", ()) or ())
-        if pre and unexpected and all(k.startswith(pre) for k in unexpected):
-            out.append(name)
-    return out
+    return [name for name, pre in table.items() if pre and unexpected and all(k.startswith(pre) for k in unexpected)]
 
 
 def _mismatch_hint(model: nn.Module, sd: Mapping[str, Tensor], own: Mapping[str, Tensor], rep: LoadReport,

@@ -97,6 +97,15 @@ def test_missing_key_fails_and_mechanism_keys_are_allowed(tmp_path):
     assert rep.new_mechanism_keys == ["fc.bias"]
 
 
+def test_load_error_names_the_mechanism_the_file_came_from(tmp_path):
+    """A CA-Stream file loaded into a plain baseline: the error names the registered model whose mechanism keys
+    explain every unexpected key (weights asks the registry through a hook, without importing it)."""
+    src = models.create_model("ca_stream", backbone="resnet18", num_classes=3)
+    save_weights(src, tmp_path / "cas.safetensors")
+    with pytest.raises(WeightLoadError, match=r"stream\..*looks like a 'ca_stream' model"):
+        load_weights(models.create_model("baseline", backbone="resnet18", num_classes=3), tmp_path / "cas.safetensors")
+
+
 def test_reset_head_fine_tunes_on_new_classes(tmp_path):
     from trainers.classification import ClassificationModule
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.utilities import dim_zero_cat
 
+from .localization import mask_bbox  # noqa: F401  (re-exported: box metrics' public helper)
 from .peritem import PerItemMetric, gt_boxes, gt_region
 
 __all__ = ["connected_components", "largest_component_box", "mask_bbox", "box_iou_max", "localization_terms",
@@ -49,23 +50,6 @@ def connected_components(mask: Tensor, connectivity: int = 8) -> Tensor:
             break
         lab = new
     return lab.long()
-
-
-def mask_bbox(mask: Tensor):
-    """Bounding boxes ``(N, 4)`` ``[y0, x0, y1, x1]`` (exclusive ends) of boolean masks and ``(N,)`` non-empty."""
-    N, H, W = mask.shape
-    m = mask.bool()
-    rows, cols = m.any(2), m.any(1)
-    ar_h = torch.arange(H, device=mask.device)
-    ar_w = torch.arange(W, device=mask.device)
-    big = torch.tensor(10 ** 9, device=mask.device)
-    y0 = torch.where(rows, ar_h, big).amin(1)
-    y1 = torch.where(rows, ar_h, -1).amax(1) + 1
-    x0 = torch.where(cols, ar_w, big).amin(1)
-    x1 = torch.where(cols, ar_w, -1).amax(1) + 1
-    ok = rows.any(1)
-    box = torch.stack([y0, x0, y1, x1], 1).float()
-    return torch.where(ok.view(-1, 1), box, torch.zeros_like(box)), ok
 
 
 def largest_component_box(mask: Tensor):

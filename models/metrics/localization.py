@@ -60,6 +60,23 @@ def boxes_to_mask(boxes: Tensor, targets: Tensor, spatial) -> Tensor:
     return inside.any(dim=1)
 
 
+def mask_bbox(mask: Tensor):
+    """Bounding boxes ``(N, 4)`` ``[y0, x0, y1, x1]`` (exclusive ends) of boolean masks and ``(N,)`` non-empty."""
+    N, H, W = mask.shape
+    m = mask.bool()
+    rows, cols = m.any(2), m.any(1)
+    ar_h = torch.arange(H, device=mask.device)
+    ar_w = torch.arange(W, device=mask.device)
+    big = torch.tensor(10 ** 9, device=mask.device)
+    y0 = torch.where(rows, ar_h, big).amin(1)
+    y1 = torch.where(rows, ar_h, -1).amax(1) + 1
+    x0 = torch.where(cols, ar_w, big).amin(1)
+    x1 = torch.where(cols, ar_w, -1).amax(1) + 1
+    ok = rows.any(1)
+    box = torch.stack([y0, x0, y1, x1], 1).float()
+    return torch.where(ok.view(-1, 1), box, torch.zeros_like(box)), ok
+
+
 def _check_pair(maps: Tensor, gt: Tensor) -> None:
     if maps.shape != gt.shape:
         raise ValueError(f"saliency maps {tuple(maps.shape)} and ground-truth masks {tuple(gt.shape)} must both "

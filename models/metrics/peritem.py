@@ -19,7 +19,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from .localization import boxes_to_mask, class_masks
+from .localization import boxes_to_mask, class_masks, mask_bbox
 
 __all__ = ["PerItemMetric", "gt_region", "gt_boxes"]
 
@@ -84,8 +84,6 @@ def gt_boxes(ctx: dict) -> Optional[tuple]:
         m = class_masks(ctx["mask"].to(t.device), t)
         if m.dim() != 3:
             raise ValueError("box metrics are 2D: masks must be (N, H, W).")
-        from .boxes import mask_bbox
-
         box, ok = mask_bbox(m)
         return box.unsqueeze(1), ok.unsqueeze(1)
     return None
