@@ -117,7 +117,8 @@ class ZooCLI(LightningCLI):
             print("test: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(res.items())))
             if best:
                 rel = os.path.relpath(best) if not os.path.relpath(best).startswith("..") else best
-                print(f"\nexplanations (accuracy, metrics table with controls, picture; < 1 min):\n"
+                print(f"\nexplanations (accuracy, metrics table with controls, picture; ~1 min for 2D images, minutes "
+                      f"for 3D volumes; --max-images N for a quicker look):\n"
                       f"  python eval.py --checkpoint {rel}")
 
 

@@ -373,6 +373,13 @@ class MAXNet(InterpretableClassifier):
     def cam_target_layer(self) -> nn.Module:
         return self.backbone.taps[-1]
 
+    @torch.no_grad()
+    def intrinsic_resolution(self, x: Tensor) -> Tuple[int, ...]:
+        """Native grid of HAM (eq 3.18): the stage-3 grid its three stage maps are fused on (not the stage-5 grid of
+        ``cam_target_layer``), read by the coarse-map guard of ``models/metrics/degenerate.py``."""
+        with torch.inference_mode(False):
+            return tuple(int(s) for s in self.run(x[:1])["F"][-3].shape[2:])
+
     def no_weight_decay(self) -> set:
         return {"beta"}
 

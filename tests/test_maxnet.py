@@ -252,6 +252,21 @@ def test_ham_equals_explainer_and_has_input_resolution(model, x):
         assert torch.allclose(model.explain(x), sal, atol=1e-6)
 
 
+def test_ham_native_resolution_is_the_stage3_grid(model, x):
+    """The coarse-map guard reads HAM at the stage-3 grid it is fused on, not at stage 5 (Grad-CAM's layer): on the
+    4 mm MNI volume stage 5 is 3x3x3 (localisation refused) but HAM is 10x12x10."""
+    from models.metrics.degenerate import is_coarse, native_resolution
+
+    grid3 = tuple(model.run(x[:1])["F"][-3].shape[2:])
+    assert native_resolution(create_explainer("intrinsic", model), model, x) == grid3 == (8, 8, 8)
+    assert native_resolution(create_explainer("ham", model), model, x) == grid3
+    assert native_resolution(create_explainer("gradcam", model), model, x) == (2, 2, 2)
+    mni = tiny().eval()
+    v = torch.rand(1, 1, 38, 47, 40)
+    assert native_resolution(create_explainer("intrinsic", mni), mni, v) == (10, 12, 10)
+    assert not is_coarse((10, 12, 10)) and is_coarse(native_resolution(create_explainer("gradcam", mni), mni, v))
+
+
 def test_ham_is_zero_where_all_activations_are_zero(model, x):
     def zero_front(mod, inp, out):
         out = out.clone()
@@ -552,6 +567,33 @@ def test_experiment_marks_constant_metrics_degenerate(tmp_path):
     XM.report(args, _fake_results(0.5), [0, 1, 2])
     claims = {c["claim"]: c for c in json.load(open(tmp_path / "mx.json"))["claims"]}
     assert claims["PCR r1 > random same-label: swap insertion"]["verdict"] == "supported"
+
+
+def test_experiment_flags_localisation_of_coarse_cams(tmp_path):
+    """Issue 14 guard in the MAXNet report: pointing / IoU claims against a CAM whose native grid is coarser than
+    4x4 (stage 5: 3x3x3 at 4 mm) are flagged in the claim; insertion / deletion and the stage-3 Grad-CAM (HAM's own
+    grid) are not. Fails if the flag is dropped or applied to every claim."""
+    import json
+
+    from experiments import maxnet as XM
+
+    res = _fake_results(0.5)
+    native = dict(ham=[10, 12, 10], gradcam=[3, 3, 3], gradcampp=[3, 3, 3], scorecam=[3, 3, 3],
+                  gradcam_s3=[10, 12, 10])
+    for s in res["maxnet"]:
+        xai = res["maxnet"][s]["xai"]
+        xai["gradcam_s3"] = dict(xai["gradcam"])
+        for e, n in native.items():
+            xai[e]["native"] = n
+    args = XM.parse(["--out", str(tmp_path / "mx"), "--arms", "maxnet,cnn"])
+    md = XM.report(args, res, [0, 1, 2])
+    names = [c["claim"] for c in json.load(open(tmp_path / "mx.json"))["claims"]]
+    flag = " [gradcam native 3x3x3 < 4x4: localisation flagged]"
+    assert f"HAM vs gradcam: pointing{flag}" in names and f"HAM vs gradcam: iou{flag}" in names
+    assert "HAM vs gradcam: insertion" in names and "HAM vs gradcam: deletion" in names
+    assert {"HAM vs gradcam_s3: pointing", "HAM vs gradcam_s3: iou"} <= set(names)
+    assert sum("flagged" in n for n in names) == 6  # pointing + IoU of the three stage-5 CAMs
+    assert "gradcam 3x3x3 (coarser than 4x4: pointing / IoU flagged)" in md and "gradcam_s3 10x12x10" in md
 
 
 def test_short_run_schedule_defaults():
