@@ -46,7 +46,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from experiments import harness as H  # noqa: E402
-from models.metrics.degenerate import MIN_NATIVE_SIDE, format_resolution, is_coarse  # noqa: E402
+from models.metrics.degenerate import MIN_NATIVE_SIDE, format_resolution, is_coarse, native_resolution  # noqa: E402
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*LeafSpec.*")
@@ -226,20 +226,16 @@ def classification(model, data):
 def explain_all(model, x, t):
     """Maps, seconds per volume and native grid (``models.metrics.degenerate.native_resolution``) per explainer."""
     from models.explainers import create_explainer
-    from models.metrics.degenerate import native_resolution
 
     maps, secs, native = {}, {}, {}
     for name in EXPLAINERS:
-        # HAM = forward_explain; the CAMs at stage 5 (cam_target_layer, as in the paper) or stage 3 (gradcam_s3)
-        ex = create_explainer("intrinsic", model) if name == "ham" else \
-            create_explainer("gradcam", model, target_layers=-3) if name == "gradcam_s3" else create_explainer(name, model)
+        # HAM = the model's forward_explain (eq 3.18); CAMs at stage 5 (cam_target_layer, as in the paper) or stage 3
+        ex = (create_explainer("intrinsic", model) if name == "ham" else
+              create_explainer("gradcam", model, target_layers=-3) if name == "gradcam_s3" else
+              create_explainer(name, model))
         t0 = time.perf_counter()
-        if name == "ham":
-            m = torch.cat([model.forward_explain(x[i:i + 4], t[i:i + 4])[1] for i in range(0, len(x), 4)])
-        else:
-            m = torch.cat([ex(x[i:i + 4], t[i:i + 4]) for i in range(0, len(x), 4)])
+        maps[name] = torch.cat([ex(x[i:i + 4], t[i:i + 4]) for i in range(0, len(x), 4)])
         secs[name] = (time.perf_counter() - t0) / len(x)
-        maps[name] = m
         native[name] = list(native_resolution(ex, model, x[:1]) or [])
     return maps, secs, native
 
